@@ -1,0 +1,1 @@
+"""CDME: the four services around a dbt project and the library they share."""

@@ -1,0 +1,1 @@
+"""The `cdme` command line."""

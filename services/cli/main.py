@@ -1,0 +1,327 @@
+"""The `cdme` command line: thin commands over `services.core` and `services.datagen`.
+
+Errors are translated here, once: a `CdmeError` prints one line `cdme: error: ...` and exits with its code;
+a usage error exits 2; anything unexpected prints one line pointing at a crash log, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from services.core.artifacts import base as artifact_base
+from services.core.artifacts import parse_catalog, parse_manifest, parse_run_results
+from services.core.auth import ensure_demo_token
+from services.core.dbt import first_failure, run_dbt
+from services.core.errors import CdmeError, DbtError
+from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
+from services.core.secrets import resolve_pepper
+from services.core.settings import CdmeSettings, get_settings
+from services.core.warehouse import (
+    check_connection,
+    create_warehouse_engine,
+    embedded_server,
+    resolve_warehouse_url,
+)
+from services.datagen.trading import GenerateRequest, currency_codes, generate, parse_epoch
+
+app = typer.Typer(
+    name="cdme",
+    help="CDME: validation, adjoint lineage and record accounting around a dbt project.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+warehouse_app = typer.Typer(help="The embedded PostgreSQL warehouse.", no_args_is_help=True)
+ldm_app = typer.Typer(help="The logical data model declared in meta.cdme and cdme.yml.", no_args_is_help=True)
+artifacts_app = typer.Typer(help="dbt artifacts (manifest, run_results, catalog).", no_args_is_help=True)
+auth_app = typer.Typer(help="Bearer tokens.", no_args_is_help=True)
+app.add_typer(warehouse_app, name="warehouse")
+app.add_typer(ldm_app, name="ldm")
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(auth_app, name="auth")
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# -- warehouse ------------------------------------------------------------------------------------------------
+
+
+@warehouse_app.command("start")
+def warehouse_start() -> None:
+    """Start the embedded PostgreSQL (initialising it on first use); a running server is reused."""
+    status = embedded_server(get_settings()).start()
+    typer.echo(status.describe())
+
+
+@warehouse_app.command("stop")
+def warehouse_stop() -> None:
+    """Stop the embedded PostgreSQL by its own pid."""
+    stopped = embedded_server(get_settings()).stop()
+    typer.echo("stopped" if stopped else "not running")
+
+
+@warehouse_app.command("status")
+def warehouse_status() -> None:
+    """Report the embedded PostgreSQL's state; exits 3 when it is stopped (like pg_ctl status)."""
+    status = embedded_server(get_settings()).status()
+    typer.echo(status.describe())
+    if not status.running:
+        raise typer.Exit(3)
+
+
+@warehouse_app.command("url")
+def warehouse_url() -> None:
+    """Print the warehouse URL (CDME_WAREHOUSE_URL, else the running embedded server's)."""
+    typer.echo(_libpq(resolve_warehouse_url(get_settings())))
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+
+
+@app.command("generate")
+def generate_command(
+    trades: Annotated[int, typer.Option("--trades", help="Trades to generate for the epoch.")],
+    epoch: Annotated[str, typer.Option("--epoch", help="Business date, YYYY-MM-DD.")],
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same data.")] = 42,
+    counterparties: Annotated[
+        int, typer.Option("--counterparties", help="Counterparty universe size.")
+    ] = 2000,
+    digest: Annotated[
+        bool, typer.Option("--digest", help="Print an md5 digest of each loaded table.")
+    ] = False,
+) -> None:
+    """Load one epoch of raw trades, counterparty versions and risk factors with COPY (idempotent per epoch)."""
+    request = GenerateRequest(
+        trades=trades, epoch=parse_epoch(epoch), seed=seed, counterparties=counterparties
+    )
+    settings = get_settings()
+    currencies = currency_codes(settings.project_dir / "seeds" / "currencies.csv")
+    report = generate(resolve_warehouse_url(settings), request, currencies, digest=digest)
+    anomalies = ", ".join(f"{k}={v}" for k, v in report.anomalies.items())
+    typer.echo(
+        f"epoch {report.epoch}: {report.trades:,} trades, {report.counterparty_versions:,} counterparty versions, "
+        f"{report.risk_factors} risk factors in {report.seconds:.1f}s (seed {report.seed}; {anomalies})"
+    )
+    for table, value in report.digests.items():
+        typer.echo(f"  {table} md5={value}")
+
+
+# -- dbt ------------------------------------------------------------------------------------------------------
+
+
+def _row_counts(url: str, ldm: Ldm, unique_ids: set[str]) -> dict[str, int]:
+    engine = create_warehouse_engine(url, pool_size=1)
+    counts: dict[str, int] = {}
+    try:
+        with engine.connect() as conn:
+            for entity in ldm:
+                if entity.unique_id in unique_ids:
+                    relation = f'"{entity.schema_name}"."{entity.identifier}"'
+                    counts[entity.name] = int(
+                        conn.execute(text(f"select count(*) from {relation}")).scalar_one()
+                    )
+    finally:
+        engine.dispose()
+    return counts
+
+
+@app.command("build")
+def build_command(
+    epoch: Annotated[str, typer.Option("--epoch", help="Business date to build, YYYY-MM-DD.")],
+    select: Annotated[
+        list[str] | None, typer.Option("--select", "-s", help="dbt --select, passed through.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="dbt --exclude, passed through.")
+    ] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="dbt YAML selector name.")] = None,
+    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Rebuild incremental models.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print the summary.")] = False,
+) -> None:
+    """Run `dbt build` of the project for one epoch and print what it produced."""
+    settings = get_settings()
+    day = parse_epoch(epoch)
+    url = resolve_warehouse_url(settings)
+    engine = create_warehouse_engine(url, pool_size=1)
+    try:
+        check_connection(engine)
+    finally:
+        engine.dispose()
+    command = ["build", "--vars", json.dumps({"epoch_date": day.isoformat()})]
+    for flag, values in (("--select", select), ("--exclude", exclude)):
+        if values:
+            command += [flag, *values]
+    if selector:
+        command += ["--selector", selector]
+    if full_refresh:
+        command.append("--full-refresh")
+    run_dir = settings.home / "runs" / f"{day}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+    invocation = run_dbt(
+        command,
+        project_dir=settings.project_dir,
+        target_path=run_dir / "target",
+        warehouse_url=url,
+        pepper=resolve_pepper(settings),
+        schema=settings.dbt_schema,
+        target=settings.dbt_target,
+        on_progress=None if quiet else typer.echo,
+    )
+    if not invocation.succeeded:
+        msg = f"dbt build failed: {first_failure(invocation)} (log: {run_dir / 'target' / 'dbt.log.jsonl'})"
+        raise DbtError(msg)
+    results = invocation.run_results()
+    statuses = Counter(r.status for r in results.results) if results else Counter()
+    ldm = load_ldm(invocation.manifest(), load_project_config(settings.project_dir / "cdme.yml"))
+    built = {r.unique_id for r in results.results} if results else set()
+    counts = _row_counts(url, ldm, built)
+    elapsed = results.elapsed_time if results else 0.0
+    typer.echo(
+        f"dbt build of epoch {day}: {dict(statuses)} in {elapsed:.1f}s; artifacts in {run_dir / 'target'}"
+    )
+    for name, rows in counts.items():
+        entity = ldm.entity(name)
+        typer.echo(
+            f"  {entity.relation:<52} {entity.materialized or entity.resource_type:<12} {rows:>12,} rows"
+        )
+
+
+# -- LDM and artifacts ----------------------------------------------------------------------------------------
+
+
+def _parse_project(settings: CdmeSettings) -> Path:
+    target = settings.home / "parse" / "target"
+    invocation = run_dbt(
+        ["parse"],
+        project_dir=settings.project_dir,
+        target_path=target,
+        warehouse_url=settings.warehouse_url
+        or "postgresql://postgres@127.0.0.1:5432/cdme",  # parse never connects
+        schema=settings.dbt_schema,
+        target=settings.dbt_target,
+    )
+    if not invocation.succeeded:
+        msg = f"dbt parse failed: {first_failure(invocation)}"
+        raise DbtError(msg)
+    return target / "manifest.json"
+
+
+@ldm_app.command("check")
+def ldm_check(
+    manifest: Annotated[Path | None, typer.Option(help="manifest.json (default: run `dbt parse`).")] = None,
+    config: Annotated[Path | None, typer.Option(help="cdme.yml (default: the project's).")] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="catalog.json, to check columns against the warehouse.")
+    ] = None,
+) -> None:
+    """Load every meta.cdme declaration and cdme.yml; list each invalid one with its entity and field."""
+    from services.core.artifacts import load_catalog, load_manifest
+
+    settings = get_settings()
+    manifest_path = manifest or _parse_project(settings)
+    project_config = load_project_config(config or settings.project_dir / "cdme.yml")
+    try:
+        ldm = load_ldm(
+            load_manifest(manifest_path), project_config, load_catalog(catalog) if catalog else None
+        )
+    except LdmDeclarationError as e:
+        for problem in e.problems[1:]:
+            typer.echo(f"cdme: error: {problem}", err=True)
+        raise
+    kinds = Counter(e.kind or e.resource_type for e in ldm)
+    keyed = sum(1 for e in ldm if e.key is not None)
+    typer.echo(f"{len(ldm.entities)} entities ({dict(kinds)}); {keyed} with a record key; declarations valid")
+
+
+@artifacts_app.command("check")
+def artifacts_check(
+    paths: Annotated[list[Path], typer.Argument(help="Artifact files (.json or .json.gz).")],
+) -> None:
+    """Parse dbt artifacts, recognising each by its dbt_schema_version, and summarise them."""
+    parsers: dict[str, Any] = {
+        "manifest": parse_manifest,
+        "run-results": parse_run_results,
+        "catalog": parse_catalog,
+    }
+    for path in paths:
+        data = artifact_base.read_json(path)
+        version_url = (
+            str(((data or {}).get("metadata") or {}).get("dbt_schema_version", ""))
+            if isinstance(data, dict)
+            else ""
+        )
+        kind = next((k for k in parsers if f"/dbt/{k}/" in version_url), "manifest")
+        parsed = parsers[kind](data, str(path))
+        version = artifact_base.schema_version(data, kind, str(path))  # type: ignore[arg-type]  # kind is a key of parsers
+        sizes = {
+            "manifest": lambda a: f"{len(a.nodes)} nodes, {len(a.sources)} sources",
+            "run-results": lambda a: f"{len(a.results)} results",
+            "catalog": lambda a: f"{len(a.nodes)} nodes, {len(a.sources)} sources",
+        }[kind](parsed)
+        typer.echo(f"{path}: {kind} v{version}: {sizes}")
+
+
+@auth_app.command("token")
+def auth_token() -> None:
+    """Print the demo bearer token, creating it (and the tokens file) on first run."""
+    typer.echo(ensure_demo_token(get_settings()))
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+
+def _crash_log(exc: BaseException) -> Path | None:
+    try:
+        logs = get_settings().home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"crash-{datetime.now(UTC):%Y%m%dT%H%M%S%f}.log"
+        path.write_text("".join(traceback.format_exception(exc)))
+    except (OSError, CdmeError):
+        return None
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (the console script's entry point)."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="cdme")
+    except (typer.Exit, click.exceptions.Exit) as e:
+        return int(e.exit_code)
+    except (typer.Abort, click.exceptions.Abort):
+        typer.echo("cdme: aborted", err=True)
+        return 130
+    except CdmeError as e:
+        typer.echo(f"cdme: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.echo("cdme: interrupted", err=True)
+        return 130
+    except Exception as e:
+        # Typer vendors click, so usage errors are recognised by shape rather than by class.
+        format_message = getattr(e, "format_message", None)
+        exit_code = getattr(e, "exit_code", None)
+        if callable(format_message) and isinstance(exit_code, int):
+            prefix = "" if type(e).__name__ == "NoArgsIsHelpError" else "cdme: error: "
+            typer.echo(f"{prefix}{format_message()}", err=True)
+            return exit_code
+        where = _crash_log(e)
+        typer.echo(f"cdme: internal error: {type(e).__name__}: {e} (traceback in {where})", err=True)
+        return 70
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Settings read from the environment, every variable under the one `CDME_` prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.core.errors import ConfigurationError
+
+LineageMode = Literal["full", "key_derivable", "summary"]
+
+# The checkout's root: the project ships dbt_project/ beside services/.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def normalize_postgres_url(url: str) -> str:
+    """Return `url` with the psycopg 3 driver, whatever PostgreSQL scheme it came with.
+
+    Args:
+        url: A PostgreSQL URL (`postgres://`, `postgresql://`, `postgresql+psycopg2://`, ...).
+
+    Returns:
+        The same URL with the `postgresql+psycopg://` scheme that SQLAlchemy uses for psycopg 3.
+
+    Raises:
+        ConfigurationError: The URL is not a PostgreSQL URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] not in {"postgres", "postgresql"}:
+        msg = f"not a PostgreSQL URL: {scheme or url!r}://…; expected postgresql://user:password@host:port/db"
+        raise ConfigurationError(msg)
+    return f"postgresql+psycopg://{rest}"
+
+
+class CdmeSettings(BaseSettings):
+    """Everything CDME reads from the environment.
+
+    Every field maps to `CDME_<FIELD>` (for example `CDME_WAREHOUSE_URL`). The README lists them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CDME_", extra="ignore", frozen=True)
+
+    home: Path = Field(
+        default=PROJECT_ROOT / ".cdme",
+        description="State directory: embedded PostgreSQL data, demo token and pepper, logs, run artifacts.",
+    )
+    warehouse_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL of the warehouse. Unset: the embedded PostgreSQL under `home` is used.",
+    )
+    embedded_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="TCP port of the embedded PostgreSQL (0: a free port is chosen once and kept).",
+    )
+    database: str = Field(default="cdme", description="Database the embedded server creates and CDME uses.")
+    project_dir: Path = Field(default=PROJECT_ROOT / "dbt_project", description="The dbt project.")
+    dbt_target: str = Field(default="dev", description="dbt target passed to every invocation.")
+    dbt_schema: str = Field(default="analytics", description="dbt target schema (DBT_SCHEMA).")
+    pepper: SecretStr | None = Field(
+        default=None,
+        description="Secret pepper for pseudonymized keys; never written to the warehouse or artifacts.",
+    )
+    auth_tokens: SecretStr | None = Field(
+        default=None,
+        description="Bearer tokens as `token=principal:role1,role2;...`; overrides `auth_tokens_file`.",
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="JSON file of principals and their token digests (default: `<home>/auth/tokens.json`).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    http_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of calls between services.")
+    http_retries: int = Field(default=3, ge=0, le=10, description="Retries of idempotent service calls.")
+    lineage_mode: LineageMode | None = Field(
+        default=None, description="Overrides the lineage mode `cdme.yml` declares as default."
+    )
+
+    @field_validator("warehouse_url")
+    @classmethod
+    def _normalize_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            return normalize_postgres_url(value.strip())
+        except ConfigurationError as e:
+            raise ValueError(str(e)) from e
+
+    @property
+    def tokens_file(self) -> Path:
+        """Where principals and token digests are read from."""
+        return self.auth_tokens_file or self.home / "auth" / "tokens.json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> CdmeSettings:
+    """Return the process-wide settings, read once from the environment.
+
+    Raises:
+        ConfigurationError: A `CDME_` variable has a value that cannot be used.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return CdmeSettings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        msg = f"invalid setting CDME_{field.upper()}: {first['msg'].removeprefix('Value error, ')}"
+        raise ConfigurationError(msg) from e
