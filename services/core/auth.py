@@ -111,13 +111,18 @@ class TokenAuthenticator:
             ConfigurationError: The file is missing or malformed.
         """
         try:
-            parsed = _TokensFile.model_validate_json(path.read_text())
+            # Bytes, not text: pydantic reports a file that is not UTF-8 as invalid JSON like any other.
+            parsed = _TokensFile.model_validate_json(path.read_bytes())
         except FileNotFoundError as e:
             msg = f"{path}: no tokens file; set CDME_AUTH_TOKENS or run `cdme auth token` to create the demo token"
             raise ConfigurationError(msg) from e
+        except OSError as e:
+            msg = f"{path}: cannot read tokens file: {e.strerror or e}"
+            raise ConfigurationError(msg) from e
         except ValidationError as e:
             first = e.errors()[0]
-            msg = f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+            loc = ".".join(str(p) for p in first["loc"])  # empty when the whole document is wrong
+            msg = f"{path}: {loc}: {first['msg']}" if loc else f"{path}: {first['msg']}"
             raise ConfigurationError(msg) from e
         return cls(
             {bytes.fromhex(p.token_sha256): Principal(p.name, frozenset(p.roles)) for p in parsed.principals}

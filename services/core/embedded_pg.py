@@ -79,6 +79,8 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # PostgreSQL binds with SO_REUSEADDR, so a port in TIME_WAIT after our own restart is free to it too.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -129,7 +131,15 @@ class EmbeddedPostgres:
             if self._running_pid() is None:
                 if not (self.data_dir / "PG_VERSION").exists():
                     self._initdb()
-                self._launch(self._choose_port())
+                crashed = self._clear_stale_pid_file()
+                try:
+                    self._launch(self._choose_port())
+                except EmbeddedPostgresError:
+                    if not crashed:
+                        raise
+                    # A killed postmaster's children can hold its shared memory for a moment longer.
+                    time.sleep(1)
+                    self._launch(self._choose_port())
             self._ensure_database()
         return self.status()
 
@@ -193,6 +203,18 @@ class EmbeddedPostgres:
             return None
         return pid
 
+    def _clear_stale_pid_file(self) -> bool:
+        # After a crash the pid file names a dead (or not yet reaped) postmaster, which pg_ctl refuses to start
+        # over. Removing it is safe: PostgreSQL's shared-memory interlock still refuses a real double start.
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().splitlines()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return False
+        self._wait_gone(pid, 5)
+        pid_file.unlink(missing_ok=True)
+        return True
+
     def _read_port(self) -> int | None:
         try:
             return int(self._port_file.read_text().strip())
@@ -218,7 +240,10 @@ class EmbeddedPostgres:
             )
         except subprocess.CalledProcessError as e:
             detail = (e.stderr or e.stdout or "").strip().splitlines()
-            msg = f"{Path(args[0]).name} failed: {detail[-1] if detail else f'exit {e.returncode}'}"
+            reason = detail[-1] if detail else f"exit {e.returncode}"
+            if self.log_file.exists():
+                reason = f"{reason} Server log: {self._last_log_line()}"
+            msg = f"{Path(args[0]).name} failed: {reason}"
             raise EmbeddedPostgresError(msg) from e
         except subprocess.TimeoutExpired as e:
             msg = f"{Path(args[0]).name} did not finish within {timeout:.0f}s; see {self.log_file}"

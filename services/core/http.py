@@ -104,7 +104,8 @@ class ServiceClient:
         method = method.upper()
         retryable = method in _IDEMPOTENT_METHODS if idempotent is None else idempotent
         attempts = 1 + (self._retries if retryable else 0)
-        headers = dict(kwargs.pop("headers", None) or {})
+        # Case-insensitive, so a caller's own `x-request-id` is not sent alongside the bound one.
+        headers = httpx.Headers(kwargs.pop("headers", None))
         if (request_id := current_context().get("request_id")) is not None:
             headers.setdefault("X-Request-ID", request_id)
         where = f"{method} {self._client.base_url.join(path)}"
@@ -118,6 +119,10 @@ class ServiceClient:
                     raise UpstreamServiceError(msg) from e
                 self._sleep(attempt, None)
                 continue
+            except httpx.HTTPError as e:
+                # Not a transport fault (e.g. a body that does not decode): repeating it would not help.
+                msg = f"{where} failed: {type(e).__name__}: {e}"
+                raise UpstreamServiceError(msg) from e
             if response.status_code in _RETRY_STATUSES and not last:
                 self._sleep(attempt, response.headers.get("Retry-After"))
                 continue

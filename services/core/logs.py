@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 _context: ContextVar[dict[str, str]] = ContextVar("cdme_log_context", default={})  # noqa: B039 - never mutated
-_service: ContextVar[str] = ContextVar("cdme_service", default="cdme")
+# The service is process-wide, not per context: threads start with an empty context and would log "cdme".
+_service = "cdme"
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -49,7 +50,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
-            "service": _service.get(),
+            "service": _service,
             **_context.get(),
         }
         payload.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS})
@@ -62,7 +63,8 @@ def configure_logging(
     service: str, level: str = "INFO", fmt: Literal["json", "text"] = "json", stream: Any = None
 ) -> None:
     """Send the root logger to `stream` (stdout by default) as JSON lines (or plain text for a terminal)."""
-    _service.set(service)
+    global _service
+    _service = service
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s: %(message)s")

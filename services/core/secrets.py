@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from services.core.errors import ConfigurationError
@@ -15,16 +16,28 @@ _MIN_PEPPER = 16
 def read_or_create_secret(path: Path, *, nbytes: int = 32) -> str:
     """Return the secret stored at `path`, creating it (mode 0600, random) if it does not exist.
 
-    The file is created exclusively, so two processes racing on first use agree on one secret.
+    The secret is written to a private temporary file first and then hard-linked into place, which fails if
+    `path` exists: two processes racing on first use agree on one secret, and neither ever reads a file the
+    other has created but not yet written.
+
+    Raises:
+        ConfigurationError: `path` exists but is empty (delete it to generate a new secret).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
     value = secrets.token_hex(nbytes)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
+    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        os.link(staged, path)
+    except FileExistsError:
+        existing = path.read_text().strip()
+        if not existing:
+            msg = f"{path} is empty; delete it to generate a new secret"
+            raise ConfigurationError(msg) from None
+        return existing
+    finally:
+        os.unlink(staged)
     return value
 
 

@@ -30,8 +30,10 @@ def normalize_postgres_url(url: str) -> str:
         ConfigurationError: The URL is not a PostgreSQL URL.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.split("+")[0] not in {"postgres", "postgresql"}:
-        msg = f"not a PostgreSQL URL: {scheme or url!r}://…; expected postgresql://user:password@host:port/db"
+    if not sep or scheme.split("+")[0].lower() not in {"postgres", "postgresql"}:
+        # Never echo the rest of the URL: it may carry a password.
+        shown = f"{scheme!r}://…" if sep else "a value without a scheme"
+        msg = f"not a PostgreSQL URL: {shown}; expected postgresql://user:password@host:port/db"
         raise ConfigurationError(msg)
     return f"postgresql+psycopg://{rest}"
 
