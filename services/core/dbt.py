@@ -167,10 +167,18 @@ def first_failure(invocation: DbtInvocation) -> str:
     if results is not None:
         for result in results.results:
             if result.status in {"error", "fail", "runtime error"}:
-                message = (result.message or "").strip().splitlines()
-                return f"{result.unique_id}: {message[0] if message else result.status}"
+                return f"{result.unique_id}: {_one_line(result.message or result.status)}"
     for error in invocation.errors:
-        text = error.splitlines()[0].strip()
-        if text:
+        if text := _one_line(error):
             return text
     return f"dbt exited with code {invocation.returncode}"
+
+
+def _one_line(message: str) -> str:
+    # dbt writes "Database Error in model x (path)" and the database's own words on the next line.
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and lines[0].endswith(")") and " Error in " in lines[0]:
+        return f"{lines[0]}: {lines[1]}"
+    return lines[0]
