@@ -61,6 +61,8 @@ main_job() {
   if [ -z "${CDME_WAREHOUSE_URL:-}" ]; then
     step "starting the embedded PostgreSQL" cdme warehouse start
   fi
+  # Services authenticate every call; the demo gets a random token in $STATE/auth/token, never "auth off".
+  step "creating the demo bearer token" cdme auth token >/dev/null
   step "generating epoch $epoch" cdme generate --trades "$trades" --epoch "$epoch"
   step "building the dbt project for $epoch" cdme build --epoch "$epoch" --quiet
   echo "CDME demo complete: epoch $epoch built; warehouse: $(cdme warehouse url 2>/dev/null | sed -E 's#//([^:]+):[^@]*@#//\1:***@#')"
