@@ -12,10 +12,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from services.core.embedded_pg import EmbeddedPostgres
 from services.core.settings import PROJECT_ROOT
+from services.core.warehouse import libpq_url
 
 RESEARCH_DATA = PROJECT_ROOT.parent / "shared" / "research-data"
 PROJECT_DIR = PROJECT_ROOT / "dbt_project"
@@ -26,13 +26,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.unit)
-
-
-def libpq_url(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")

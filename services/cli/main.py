@@ -17,7 +17,6 @@ from typing import Annotated, Any
 import click
 import typer
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from services.core.artifacts import base as artifact_base
 from services.core.artifacts import parse_catalog, parse_manifest, parse_run_results
@@ -31,6 +30,7 @@ from services.core.warehouse import (
     check_connection,
     create_warehouse_engine,
     embedded_server,
+    libpq_url,
     resolve_warehouse_url,
 )
 from services.datagen.trading import GenerateRequest, currency_codes, generate, parse_epoch
@@ -51,10 +51,6 @@ app.add_typer(warehouse_app, name="warehouse")
 app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
-
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def warehouse_status() -> None:
 @warehouse_app.command("url")
 def warehouse_url() -> None:
     """Print the warehouse URL (CDME_WAREHOUSE_URL, else the running embedded server's)."""
-    typer.echo(_libpq(resolve_warehouse_url(get_settings())))
+    typer.echo(libpq_url(resolve_warehouse_url(get_settings())))
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -127,10 +123,11 @@ def _row_counts(url: str, ldm: Ldm, unique_ids: set[str]) -> dict[str, int]:
     engine = create_warehouse_engine(url, pool_size=1)
     counts: dict[str, int] = {}
     try:
+        quote = engine.dialect.identifier_preparer.quote
         with engine.connect() as conn:
             for entity in ldm:
                 if entity.unique_id in unique_ids:
-                    relation = f'"{entity.schema_name}"."{entity.identifier}"'
+                    relation = f"{quote(entity.schema_name)}.{quote(entity.identifier)}"
                     counts[entity.name] = int(
                         conn.execute(text(f"select count(*) from {relation}")).scalar_one()
                     )

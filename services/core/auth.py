@@ -19,8 +19,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.core.errors import AuthenticationError, AuthorizationError, ConfigurationError
-from services.core.secrets import read_or_create_secret
+from services.core.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    ConfigurationError,
+    describe_validation_error,
+)
+from services.core.secrets import read_or_create_secret, write_private_file
 from services.core.settings import CdmeSettings
 
 DEMO_PRINCIPAL = "demo"
@@ -120,9 +125,7 @@ class TokenAuthenticator:
             msg = f"{path}: cannot read tokens file: {e.strerror or e}"
             raise ConfigurationError(msg) from e
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])  # empty when the whole document is wrong
-            msg = f"{path}: {loc}: {first['msg']}" if loc else f"{path}: {first['msg']}"
+            msg = f"{path}: {describe_validation_error(e)}"
             raise ConfigurationError(msg) from e
         return cls(
             {bytes.fromhex(p.token_sha256): Principal(p.name, frozenset(p.roles)) for p in parsed.principals}
@@ -151,15 +154,30 @@ class TokenAuthenticator:
 
 
 def ensure_demo_token(settings: CdmeSettings) -> str:
-    """Return the demo token, creating it and the tokens file on first run.
+    """Return the demo token, creating it on first run and making sure it authenticates.
 
     The token is kept in `<home>/auth/token` (mode 0600) for clients; the tokens file stores only its digest.
-    An existing tokens file is left alone, so operators' own principals are never overwritten.
+    Other principals in an existing tokens file are kept; the `demo` entry is added or refreshed atomically.
+
+    Raises:
+        ConfigurationError: `CDME_AUTH_TOKENS` is set (it replaces the tokens file, so a demo token could not
+            authenticate), or the existing tokens file is malformed.
     """
+    if settings.auth_tokens is not None:
+        msg = "CDME_AUTH_TOKENS is set, so tokens come from it alone; use one of its tokens instead of the demo's"
+        raise ConfigurationError(msg)
     token = read_or_create_secret(settings.home / "auth" / "token")
     tokens_file = settings.tokens_file
-    if not tokens_file.exists():
-        tokens_file.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"name": DEMO_PRINCIPAL, "roles": list(DEMO_ROLES), "token_sha256": _digest(token).hex()}
-        tokens_file.write_text(json.dumps({"principals": [entry]}, indent=2) + "\n")
+    demo = _PrincipalEntry(name=DEMO_PRINCIPAL, roles=list(DEMO_ROLES), token_sha256=_digest(token).hex())
+    principals: list[_PrincipalEntry] = []
+    if tokens_file.exists():
+        try:
+            principals = _TokensFile.model_validate_json(tokens_file.read_bytes()).principals
+        except ValidationError as e:
+            msg = f"{tokens_file}: {describe_validation_error(e)}"
+            raise ConfigurationError(msg) from e
+        if any(p.name == DEMO_PRINCIPAL and p.token_sha256 == demo.token_sha256 for p in principals):
+            return token
+    entries = [p.model_dump() for p in principals if p.name != DEMO_PRINCIPAL] + [demo.model_dump()]
+    write_private_file(tokens_file, json.dumps({"principals": entries}, indent=2) + "\n")
     return token

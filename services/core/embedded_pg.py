@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import os
 import platform
-import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import psutil
 
-from services.core.errors import EmbeddedPostgresError
+from services.core.errors import EmbeddedPostgresError, first_line
+from services.core.secrets import read_or_create_secret, write_private_file
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user instead.
 _SYSTEM_USER = "embedded_postgres"
@@ -283,10 +283,10 @@ class EmbeddedPostgres:
         scratch = self.root / f"data.init-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700)
-        password = secrets.token_urlsafe(24)
+        # The CDME user's copy is created first (kept if an earlier initdb died), initdb reads its own copy.
+        password = read_or_create_secret(self._password_file, nbytes=24)
         pwfile = self.root / f"pwfile-{os.getpid()}"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        write_private_file(pwfile, password + "\n")
         try:
             self._prepare_for_system_user(scratch)
             self._prepare_for_system_user(pwfile)
@@ -319,14 +319,13 @@ class EmbeddedPostgres:
             )
         shutil.rmtree(self.data_dir, ignore_errors=True)
         scratch.rename(self.data_dir)
-        self._password_file.write_text(password + "\n")
-        self._password_file.chmod(0o600)
 
     def _launch(self, port: int) -> None:
         self._prepare_for_system_user(self.root)
         self._password_file.chmod(0o600)
         if self._run_as is not None:
-            os.chown(self._password_file, 0, 0)  # readable by the CDME user only, not by the server's user
+            # Readable by the CDME user only, not by the server's user.
+            os.chown(self._password_file, os.getuid(), os.getgid())
         self._run(
             [
                 str(_bin_dir() / "pg_ctl"),
@@ -349,6 +348,7 @@ class EmbeddedPostgres:
 
     def _ensure_database(self) -> None:
         import psycopg
+        from psycopg import sql
 
         port = self._read_port()
         password = self._password_file.read_text().strip()
@@ -359,9 +359,9 @@ class EmbeddedPostgres:
                     "select 1 from pg_database where datname = %s", (self.database,)
                 ).fetchone()
                 if exists is None:
-                    conn.execute(f'create database "{self.database}"')
+                    conn.execute(sql.SQL("create database {}").format(sql.Identifier(self.database)))
         except psycopg.Error as e:
-            msg = f"embedded PostgreSQL is running but refused a connection: {str(e).strip().splitlines()[0]}"
+            msg = f"embedded PostgreSQL is running but refused a connection: {first_line(e)}"
             raise EmbeddedPostgresError(msg) from e
 
     def _wait_gone(self, pid: int, timeout: float) -> bool:

@@ -7,7 +7,7 @@ Messages are one line that says what is wrong and what to fix.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CdmeError(Exception):
@@ -94,3 +94,40 @@ class UpstreamServiceError(CdmeError):
     exit_code = 69
     http_status = 502
     title = "Upstream service failed"
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (drivers append hints and context lines)."""
+    original = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
+    for line in str(original).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(original).__name__
+
+
+def error_location(loc: Any) -> str:
+    """A pydantic error location as `a.b.0.c`; keys that are not plain printable text show as Python literals.
+
+    Keys come from user files, and a key holding a newline must not break a one-line message.
+    """
+    return ".".join(
+        str(p) if str(p).isprintable() and str(p).strip() == str(p) and str(p) else repr(p) for p in loc
+    )
+
+
+def validation_error_parts(error: Any) -> tuple[str, str]:
+    """The location and message of a pydantic `ValidationError`'s first error (with how many more there are).
+
+    pydantic's "Value error, " prefix (from our own validators) is dropped, so the text reads as written.
+    """
+    errors = error.errors()
+    first = errors[0]
+    where = error_location(first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return where, f"{str(first['msg']).removeprefix('Value error, ')}{more}"
+
+
+def describe_validation_error(error: Any) -> str:
+    """`location: message` of a pydantic `ValidationError` (no location when the whole document is wrong)."""
+    where, text = validation_error_parts(error)
+    return f"{where}: {text}" if where else text

@@ -41,6 +41,19 @@ def read_or_create_secret(path: Path, *, nbytes: int = 32) -> str:
     return value
 
 
+def write_private_file(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically, readable by its owner only from the first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(staged, path)
+    except BaseException:
+        os.unlink(staged)
+        raise
+
+
 def resolve_pepper(settings: CdmeSettings) -> str:
     """The pepper for pseudonymized keys: `CDME_PEPPER`, else the demo pepper under `<home>/secrets/pepper`.
 

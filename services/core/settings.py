@@ -9,9 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core.errors import ConfigurationError
-
-LineageMode = Literal["full", "key_derivable", "summary"]
+from services.core.errors import ConfigurationError, validation_error_parts
+from services.core.ldm.config import LineageMode
 
 # The checkout's root: the project ships dbt_project/ beside services/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +59,11 @@ class CdmeSettings(BaseSettings):
         le=65535,
         description="TCP port of the embedded PostgreSQL (0: a free port is chosen once and kept).",
     )
-    database: str = Field(default="cdme", description="Database the embedded server creates and CDME uses.")
+    database: str = Field(
+        default="cdme",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="Database the embedded server creates and CDME uses (a plain PostgreSQL identifier).",
+    )
     project_dir: Path = Field(default=PROJECT_ROOT / "dbt_project", description="The dbt project.")
     dbt_target: str = Field(default="dev", description="dbt target passed to every invocation.")
     dbt_schema: str = Field(default="analytics", description="dbt target schema (DBT_SCHEMA).")
@@ -89,10 +92,19 @@ class CdmeSettings(BaseSettings):
     def _normalize_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
-            return normalize_postgres_url(value.strip())
+            normalized = normalize_postgres_url(value.strip())
         except ConfigurationError as e:
             raise ValueError(str(e)) from e
+        try:
+            _ = make_url(normalized).port  # a non-numeric port only fails when read
+        except (ArgumentError, ValueError):
+            msg = "cannot parse the URL's host, port or database; expected postgresql://user:password@host:port/db"
+            raise ValueError(msg) from None
+        return normalized
 
     @property
     def tokens_file(self) -> Path:
@@ -112,7 +124,6 @@ def get_settings() -> CdmeSettings:
     try:
         return CdmeSettings()
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        msg = f"invalid setting CDME_{field.upper()}: {first['msg'].removeprefix('Value error, ')}"
+        field, text = validation_error_parts(e)
+        msg = f"invalid setting CDME_{field.upper()}: {text}"
         raise ConfigurationError(msg) from e

@@ -7,7 +7,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.embedded_pg import EmbeddedPostgres
-from services.core.errors import WarehouseError
+from services.core.errors import WarehouseError, first_line
 from services.core.settings import CdmeSettings, normalize_postgres_url
 
 
@@ -57,21 +57,31 @@ def check_connection(engine: Engine) -> None:
             conn.execute(text("select 1"))
     except SQLAlchemyError as e:
         where = engine.url.render_as_string(hide_password=True)
-        first = str(getattr(e, "orig", e) or e).strip().splitlines()[0]
-        msg = f"cannot reach the warehouse at {where}: {first}"
+        msg = f"cannot reach the warehouse at {where}: {first_line(e)}"
         raise WarehouseError(msg) from e
+
+
+def libpq_url(url: str, database: str | None = None) -> str:
+    """`url` as libpq spells it (`postgresql://`, password included), optionally for another database."""
+    parsed = make_url(normalize_postgres_url(url)).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
 
 
 def dbt_connection_env(url: str) -> dict[str, str]:
     """The `DBT_*` variables the reference project's `profiles.yml` reads, derived from one URL.
 
-    The password goes under `DBT_ENV_SECRET_PASSWORD`, which dbt scrubs from its logs and artifacts.
+    The password goes under `DBT_ENV_SECRET_PASSWORD`, which dbt scrubs from its logs and artifacts; the URL's
+    `sslmode` reaches dbt as `DBT_SSLMODE`, so dbt connects the way psycopg does.
     """
     parsed: URL = make_url(normalize_postgres_url(url))
+    sslmode = parsed.query.get("sslmode", "prefer")
     return {
         "DBT_HOST": parsed.host or "127.0.0.1",
         "DBT_PORT": str(parsed.port or 5432),
         "DBT_USER": parsed.username or "postgres",
         "DBT_ENV_SECRET_PASSWORD": parsed.password or "",
         "DBT_DATABASE": parsed.database or "postgres",
+        "DBT_SSLMODE": sslmode if isinstance(sslmode, str) else sslmode[0],
     }

@@ -29,7 +29,8 @@ from typing import Final
 
 import psycopg
 
-from services.core.errors import UsageError, WarehouseError
+from services.core.errors import ConfigurationError, UsageError, WarehouseError, first_line
+from services.core.warehouse import libpq_url
 
 ANOMALY_RATES: Final[dict[str, float]] = {
     "cancelled": 0.03,
@@ -82,6 +83,7 @@ _LAST: Final = (
 _IR_TENORS: Final = (("3M", 0.25), ("1Y", 1.0), ("5Y", 5.0), ("10Y", 10.0))
 _ONBOARDING: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _CHANGES_FROM: Final = date(2024, 1, 1)
+_LAST_EPOCH: Final = date(2099, 12, 31)
 _CHUNK_ROWS: Final = 100_000
 
 _DDL: Final = """
@@ -151,8 +153,9 @@ class GenerateRequest:
         if not 0 <= self.seed < 2**63:
             msg = f"--seed must be between 0 and 2^63-1, got {self.seed}"
             raise UsageError(msg)
-        if self.epoch < _ONBOARDING.date() + timedelta(days=1):
-            msg = f"--epoch must be after {_ONBOARDING.date()}, when the generated counterparties exist"
+        if not _ONBOARDING.date() < self.epoch <= _LAST_EPOCH:
+            # Before onboarding no counterparty exists; far in the future the version history grows unbounded.
+            msg = f"--epoch must be after {_ONBOARDING.date()} and at most {_LAST_EPOCH}, got {self.epoch}"
             raise UsageError(msg)
 
 
@@ -189,14 +192,17 @@ def currency_codes(seed_csv: Path) -> list[str]:
     """The currencies the reference project knows: the codes of its `currencies` seed.
 
     Raises:
-        UsageError: The seed file is missing or has no `currency_code` column.
+        ConfigurationError: The seed file is missing, has no `currency_code` column, or no codes.
     """
     try:
         with seed_csv.open(newline="") as handle:
             codes = [row["currency_code"] for row in csv.DictReader(handle)]
-    except (FileNotFoundError, KeyError) as e:
+    except (OSError, KeyError) as e:
         msg = f"{seed_csv}: cannot read currency codes ({e}); is CDME_PROJECT_DIR the reference project?"
-        raise UsageError(msg) from e
+        raise ConfigurationError(msg) from e
+    if not codes:
+        msg = f"{seed_csv}: no currency codes; the generator draws trade currencies from this seed"
+        raise ConfigurationError(msg)
     return codes
 
 
@@ -301,12 +307,6 @@ def _trade_lines(request: GenerateRequest, currencies: Sequence[str]) -> tuple[I
     return lines(), counts
 
 
-def _libpq_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _copy_lines(cur: psycopg.Cursor[tuple[object, ...]], statement: str, lines: Iterator[str]) -> None:
     with cur.copy(statement) as copy:
         buffer = io.StringIO()
@@ -339,7 +339,10 @@ def generate(
     started = time.perf_counter()
     known_by = datetime(request.epoch.year, request.epoch.month, request.epoch.day, tzinfo=UTC)
     try:
-        with psycopg.connect(_libpq_url(url), connect_timeout=10) as conn, conn.cursor() as cur:
+        with (
+            psycopg.connect(libpq_url(url), connect_timeout=10, options="-c timezone=UTC") as conn,
+            conn.cursor() as cur,
+        ):
             cur.execute("select pg_advisory_xact_lock(hashtext('cdme.generate'))")
             cur.execute(_DDL)
             cur.execute(
@@ -386,8 +389,7 @@ def generate(
             conn.commit()
             digests = table_digests(cur, request.epoch) if digest else {}
     except psycopg.Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = f"loading epoch {request.epoch} failed, nothing was written: {first}"
+        msg = f"loading epoch {request.epoch} failed, nothing was written: {first_line(e)}"
         raise WarehouseError(msg) from e
     return GenerateReport(
         epoch=request.epoch,
@@ -403,6 +405,8 @@ def generate(
 
 def table_digests(cur: psycopg.Cursor[tuple[object, ...]], epoch: date) -> dict[str, str]:
     """An md5 over each raw table's rows for `epoch`, in key order: equal digests mean equal contents."""
+    # Rows render timestamps in the session's time zone: fix it, so digests agree across servers.
+    cur.execute("set local timezone = 'UTC'")
     queries = {
         "raw_trading.trades": "select md5(coalesce(string_agg(t::text, E'\\n' order by trade_id), '')) "
         "from raw_trading.trades t where epoch_date = %(epoch)s",

@@ -14,7 +14,8 @@ import pytest
 
 from services.core.embedded_pg import EmbeddedPostgres
 from services.core.errors import EmbeddedPostgresError
-from tests.conftest import CliResult, libpq_url
+from services.core.warehouse import libpq_url
+from tests.conftest import CliResult
 
 pytestmark = pytest.mark.integration
 

@@ -373,20 +373,42 @@ def test_demo_token_authenticates_as_the_demo_principal(tmp_path: Path) -> None:
     principal.require("auditor")
 
 
-def test_demo_token_never_overwrites_an_existing_tokens_file(tmp_path: Path) -> None:
+def test_demo_token_joins_an_existing_tokens_file_keeping_its_principals(tmp_path: Path) -> None:
     tokens_file = tmp_path / "auth" / "tokens.json"
     tokens_file.parent.mkdir(parents=True)
-    original = json.dumps({"principals": [{"name": "ops", "roles": ["admin"], "token_sha256": _sha("t")}]})
-    tokens_file.write_text(original)
+    ops = {"name": "ops", "roles": ["admin"], "token_sha256": _sha("t")}
+    stale_demo = {"name": "demo", "roles": ["data_engineer"], "token_sha256": _sha("an old demo token")}
+    tokens_file.write_text(json.dumps({"principals": [ops, stale_demo]}))
     settings = CdmeSettings(home=tmp_path)
 
     token = ensure_demo_token(settings)
 
-    assert tokens_file.read_text() == original
     auth = TokenAuthenticator.from_settings(settings)
     assert auth.authenticate("Bearer t").name == "ops"
+    assert auth.authenticate(f"Bearer {token}").name == "demo"
     with pytest.raises(AuthenticationError):
-        auth.authenticate(f"Bearer {token}")
+        auth.authenticate("Bearer an old demo token")
+    assert [p["name"] for p in json.loads(tokens_file.read_text())["principals"]] == ["ops", "demo"]
+    assert tokens_file.stat().st_mode & 0o777 == 0o600
+    unchanged = tokens_file.read_text()
+    assert ensure_demo_token(settings) == token
+    assert tokens_file.read_text() == unchanged
+
+
+def test_demo_token_is_refused_when_tokens_come_from_the_environment(tmp_path: Path) -> None:
+    settings = CdmeSettings(home=tmp_path, auth_tokens=SecretStr("t=ops:admin"))
+    with pytest.raises(ConfigurationError, match="CDME_AUTH_TOKENS is set, so tokens come from it alone"):
+        ensure_demo_token(settings)
+    assert not (tmp_path / "auth").exists()
+
+
+def test_demo_token_with_a_malformed_tokens_file_is_a_configuration_error(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "auth" / "tokens.json"
+    tokens_file.parent.mkdir(parents=True)
+    tokens_file.write_text("{not json")
+    with pytest.raises(ConfigurationError, match=r"tokens\.json: Invalid JSON"):
+        ensure_demo_token(CdmeSettings(home=tmp_path))
+    assert tokens_file.read_text() == "{not json"
 
 
 def test_demo_token_writes_the_digest_to_a_configured_tokens_file(tmp_path: Path) -> None:

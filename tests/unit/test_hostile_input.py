@@ -73,8 +73,8 @@ cdme_meta = st.dictionaries(
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(meta=cdme_meta)
-def test_any_meta_cdme_loads_or_is_reported_by_entity_and_field(meta: dict[str, Any]) -> None:
+@given(meta=cdme_meta | json_values)
+def test_any_meta_cdme_loads_or_is_reported_by_entity_and_field(meta: Any) -> None:
     def node(name: str, cdme: dict[str, Any], depends: list[str]) -> dict[str, Any]:
         return {
             "unique_id": f"model.p.{name}",

@@ -412,3 +412,102 @@ def test_jaffle_shop_keys_come_from_its_unique_tests() -> None:
         orders.key is not None and orders.key.columns == ("order_id",) and orders.key.source == "unique_test"
     )
     assert set(orders.upstreams) >= {"stg_orders"}
+
+
+# -- driving upstreams and lookups ----------------------------------------------------------------------------------
+
+
+def _three_upstreams(cdme: dict[str, Any]) -> Manifest:
+    return _manifest(
+        _node("trades", columns=("id",)),
+        _node("cps", resource_type="seed", columns=("cp_id",)),
+        _node("fx", resource_type="seed", columns=("ccy",)),
+        _node("m", cdme=cdme, columns=("id",), depends=("model.p.trades", "seed.p.cps", "seed.p.fx")),
+    )
+
+
+def test_driving_is_inferred_as_the_upstream_that_is_not_a_lookup() -> None:
+    ldm = load_ldm(
+        _three_upstreams(
+            {"kind": "enrich", "lookups": {"cps": {"version": "latest"}, "fx": {"version": "exact"}}}
+        ),
+        CONFIG,
+    )
+    assert ldm.entity("m").driving == "trades"
+
+
+def test_several_candidate_drivers_must_be_disambiguated() -> None:
+    problems = _problems(_three_upstreams({"kind": "enrich", "lookups": {"cps": {"version": "latest"}}}))
+    assert problems == [
+        (
+            "m",
+            "driving",
+            "several upstreams could drive m (trades, fx); declare driving: <one of them> and the others as lookups "
+            "with their version semantics",
+        )
+    ]
+
+
+def test_an_upstream_that_is_neither_driving_nor_a_lookup_is_unversioned() -> None:
+    problems = _problems(
+        _three_upstreams({"kind": "enrich", "driving": "trades", "lookups": {"cps": {"version": "latest"}}})
+    )
+    assert problems == [
+        (
+            "m",
+            "lookups.fx",
+            "'fx' is an upstream of m but neither its driving upstream nor a declared lookup; declare its version "
+            "semantics (as_of, latest, exact or var)",
+        )
+    ]
+
+
+def test_a_union_is_driven_by_all_its_upstreams() -> None:
+    entity = load_ldm(_three_upstreams({"kind": "union"}), CONFIG).entity("m")
+    assert entity.kind == "union" and entity.driving is None
+
+
+@pytest.mark.parametrize("value", ["grain: Atomic", ["grain", "Atomic"], 42])
+def test_meta_cdme_that_is_not_a_mapping_is_an_error(value: Any) -> None:
+    node = _node("m", columns=("id",))
+    node["config"]["meta"] = {"cdme": value}
+    [(entity, field, message)] = _problems(_manifest(node))
+    assert (entity, field) == ("m", "cdme")
+    assert message.startswith(f"must be a mapping of declarations, found {type(value).__name__}")
+
+
+def test_column_meta_cdme_that_is_not_a_mapping_is_an_error() -> None:
+    node = _node("m", columns=("amount",))
+    node["columns"]["amount"]["meta"] = {"cdme": "Money"}
+    assert _problems(_manifest(node)) == [
+        ("m", "columns.amount.cdme", "must be a mapping of declarations, found str 'Money'")
+    ]
+
+
+def test_lineage_mode_override_replaces_the_project_default_but_not_a_declaration() -> None:
+    manifest = _manifest(
+        _node("a", columns=("id",)),
+        _node("b", cdme={"lineage_mode": "summary"}, columns=("id",)),
+    )
+    ldm = load_ldm(manifest, CONFIG, lineage_mode="key_derivable")
+    assert ldm.entity("a").lineage_mode == "key_derivable"
+    assert ldm.entity("b").lineage_mode == "summary"
+
+
+def test_versioned_models_and_package_nodes_get_distinct_names() -> None:
+    v1 = _node("dim", columns=("id",), version=1)
+    v1["unique_id"] = "model.p.dim.v1"
+    v2 = _node("dim", columns=("id",), version=2)
+    v2["unique_id"] = "model.p.dim.v2"
+    foreign = _node("dim", columns=("id",), package_name="other_pkg")
+    foreign["unique_id"] = "model.other_pkg.dim"
+    manifest = parse_manifest(
+        {
+            "metadata": {
+                "dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json",
+                "project_name": "p",
+            },
+            "nodes": {n["unique_id"]: n for n in (v1, v2, foreign)},
+        }
+    )
+    assert sorted(load_ldm(manifest, CONFIG).entities) == ["dim.v1", "dim.v2", "other_pkg.dim"]

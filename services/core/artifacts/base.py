@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.core.errors import ArtifactError
+from services.core.errors import ArtifactError, describe_validation_error
 
 ArtifactKind = Literal["manifest", "run-results", "catalog"]
 
@@ -22,6 +22,15 @@ SUPPORTED_VERSIONS: dict[ArtifactKind, range] = {
 }
 
 _VERSION_URL = re.compile(r"/dbt/(?P<kind>[a-z-]+)/v(?P<version>\d+)\.json$")
+
+
+def as_list(value: Any) -> Any:
+    """A pydantic before-validator: dbt lets many list fields be a single string (or null)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value
 
 
 class ArtifactModel(BaseModel):
@@ -114,9 +123,5 @@ def validate_artifact(model: type[M], data: Any, kind: ArtifactKind, source: str
     try:
         return model.model_validate(data), version
     except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        msg = f"{source}: {kind} v{version} field {where}: {first['msg']}{more}"
+        msg = f"{source}: {kind} v{version} field {describe_validation_error(e)}"
         raise ArtifactError(msg) from e

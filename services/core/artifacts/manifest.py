@@ -11,15 +11,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from services.core.artifacts.base import ArtifactModel
-
-
-def _as_list(value: Any) -> Any:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return value
+from services.core.artifacts.base import ArtifactModel, as_list
 
 
 class ManifestMetadata(ArtifactModel):
@@ -66,6 +58,11 @@ class ColumnInfo(ArtifactModel):
         """The column's `meta.cdme` (from `meta` or `config.meta`)."""
         return _cdme_meta(self.meta, self.config.get("meta"))
 
+    @property
+    def cdme_malformed(self) -> str | None:
+        """Why the column's `meta.cdme` is unusable, if it is not a mapping."""
+        return _malformed_cdme(self.meta, self.config.get("meta"))
+
 
 class TestMetadata(ArtifactModel):
     """Which generic test a test node instantiates, with its arguments."""
@@ -104,17 +101,28 @@ class NodeConfig(ArtifactModel):
     strategy: str | None = None
     updated_at: str | None = None
 
-    _tags_list = field_validator("tags", mode="before")(_as_list)
-    _unique_key_list = field_validator("unique_key", mode="before")(_as_list)
+    _tags_list = field_validator("tags", mode="before")(as_list)
+    _unique_key_list = field_validator("unique_key", mode="before")(as_list)
+
+
+def _cdme_values(*metas: Any) -> list[Any]:
+    return [meta["cdme"] for meta in metas if isinstance(meta, dict) and "cdme" in meta]
 
 
 def _cdme_meta(*metas: Any) -> dict[str, Any]:
     # dbt >= 1.10 wants meta under config; older projects put it top-level. config wins where both exist.
     merged: dict[str, Any] = {}
-    for meta in metas:
-        if isinstance(meta, dict) and isinstance(meta.get("cdme"), dict):
-            merged.update(meta["cdme"])
+    for value in _cdme_values(*metas):
+        if isinstance(value, dict):
+            merged.update(value)
     return merged
+
+
+def _malformed_cdme(*metas: Any) -> str | None:
+    for value in _cdme_values(*metas):
+        if not isinstance(value, dict):
+            return f"must be a mapping of declarations, found {type(value).__name__} {value!r:.40}"
+    return None
 
 
 class ManifestNode(ArtifactModel):
@@ -168,6 +176,11 @@ class ManifestNode(ArtifactModel):
         return _cdme_meta(self.meta, self.config.meta)
 
     @property
+    def cdme_malformed(self) -> str | None:
+        """Why the node's `meta.cdme` is unusable, if it is not a mapping."""
+        return _malformed_cdme(self.meta, self.config.meta)
+
+    @property
     def tested_node(self) -> str | None:
         """For a test: the node it is attached to (derived from `depends_on` before v8)."""
         if self.attached_node:
@@ -201,6 +214,11 @@ class SourceDefinition(ArtifactModel):
     def cdme(self) -> dict[str, Any]:
         """The table's `meta.cdme`, layered over the source-level one."""
         return _cdme_meta(self.source_meta, self.meta, self.config.meta)
+
+    @property
+    def cdme_malformed(self) -> str | None:
+        """Why the table's (or its source's) `meta.cdme` is unusable, if it is not a mapping."""
+        return _malformed_cdme(self.source_meta, self.meta, self.config.meta)
 
 
 class Exposure(ArtifactModel):

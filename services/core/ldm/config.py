@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.core.errors import LdmError
+from services.core.errors import LdmError, describe_validation_error
 
 LineageMode = Literal["full", "key_derivable", "summary"]
 
@@ -161,10 +161,7 @@ def parse_project_config(data: Any, source: str = "cdme.yml") -> ProjectConfig:
     try:
         return ProjectConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        text = first["msg"].removeprefix("Value error, ")
-        msg = f"{source}: {where + ': ' if where else ''}{text}"
+        msg = f"{source}: {describe_validation_error(e)}"
         raise LdmError(msg) from e
 
 

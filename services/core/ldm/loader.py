@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.core.artifacts import Catalog, Manifest, ManifestNode, SourceDefinition
-from services.core.errors import LdmError
-from services.core.ldm.config import ProjectConfig
+from services.core.errors import LdmError, error_location
+from services.core.ldm.config import LineageMode, ProjectConfig
 from services.core.ldm.model import (
     ERROR_SINK_FIELDS,
     Column,
@@ -106,6 +106,8 @@ def _columns(
         found[col_name] = Column(name=col_name, data_type=meta.type)
     for col in node.columns.values():
         key = col.name.lower()
+        if (malformed := col.cdme_malformed) is not None:
+            problems.append(LdmProblem(name, f"columns.{col.name}.cdme", malformed))
         try:
             decl = ColumnDecl.model_validate(col.cdme)
         except ValidationError as e:
@@ -125,7 +127,7 @@ def _columns(
 def _problems_from(e: ValidationError, entity: str, prefix: str = "") -> list[LdmProblem]:
     problems = []
     for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        where = error_location(err["loc"])
         text = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         problems.append(LdmProblem(entity, prefix + where, text))
     return problems
@@ -209,13 +211,21 @@ class _EntityCheck:
             )
 
 
-def load_ldm(manifest: Manifest, config: ProjectConfig, catalog: Catalog | None = None) -> Ldm:
+def load_ldm(
+    manifest: Manifest,
+    config: ProjectConfig,
+    catalog: Catalog | None = None,
+    *,
+    lineage_mode: LineageMode | None = None,
+) -> Ldm:
     """Resolve every entity of `manifest` against `config`.
 
     Args:
         manifest: The project's parsed manifest.
         config: The project's `cdme.yml`.
         catalog: The catalog, when available: its columns complete the YAML-declared ones.
+        lineage_mode: Replaces `cdme.yml`'s default lineage mode (`CDME_LINEAGE_MODE`); a model's own
+            declaration still wins.
 
     Returns:
         The LDM, with every source, seed, snapshot and model of the manifest.
@@ -227,12 +237,17 @@ def load_ldm(manifest: Manifest, config: ProjectConfig, catalog: Catalog | None 
     declarations: dict[str, tuple[ManifestNode | SourceDefinition, EntityDecl]] = {}
     for node in manifest.entities():
         name = entity_name(node, manifest.metadata.project_name)
+        if (malformed := node.cdme_malformed) is not None:
+            problems.append(LdmProblem(name, "cdme", malformed))
         declarations[name] = (node, _validated_declaration(name, node.cdme, problems))
 
     sinks = {decl.error_sink for _, decl in declarations.values() if decl.error_sink}
     entities: dict[str, Entity] = {}
     for name, (node, decl) in declarations.items():
-        entities[name] = _resolve(name, node, decl, manifest, config, catalog, declarations, sinks, problems)
+        entity = _resolve(name, node, decl, manifest, config, catalog, declarations, sinks, problems)
+        if decl.lineage_mode is None and lineage_mode is not None:
+            entity = entity.model_copy(update={"lineage_mode": lineage_mode})
+        entities[name] = entity
 
     if problems:
         order = {name: i for i, name in enumerate(declarations)}
@@ -289,10 +304,27 @@ def _resolve(
             "driving",
             f"{decl.driving!r} is not an upstream of {name} (upstreams: {', '.join(upstreams) or 'none'})",
         )
-    if is_model and decl.kind is not None and decl.driving is None and len(upstreams) == 1:
-        driving: str | None = upstreams[0]
-    else:
-        driving = decl.driving
+    # The driving upstream is declared, or it is the one upstream left once the lookups are set aside.
+    # A union's upstreams all drive it, so it has no single driving one.
+    candidates = [u for u in upstreams if u not in decl.lookups]
+    driving = decl.driving
+    if driving is None and is_model and decl.kind not in {None, "union"} and len(candidates) == 1:
+        driving = candidates[0]
+    if is_model and decl.kind not in {None, "union"}:
+        if driving is None and len(candidates) > 1:
+            check.problem(
+                "driving",
+                f"several upstreams could drive {name} ({', '.join(candidates)}); declare driving: <one of them> "
+                "and the others as lookups with their version semantics",
+            )
+        elif driving is not None:
+            for upstream in candidates:
+                if upstream != driving:
+                    check.problem(
+                        f"lookups.{upstream}",
+                        f"{upstream!r} is an upstream of {name} but neither its driving upstream nor a declared "
+                        "lookup; declare its version semantics (as_of, latest, exact or var)",
+                    )
     lookups = []
     for upstream, lookup in decl.lookups.items():
         if upstream not in upstreams:

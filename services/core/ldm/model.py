@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.core.artifacts.base import as_list
 from services.core.ldm.config import LineageMode
 
 MorphismKind = Literal["iso", "filter", "enrich", "aggregate", "explode", "union"]
@@ -27,10 +28,6 @@ ERROR_SINK_FIELDS = (
 
 class _Declaration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _str_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
 
 
 class LookupDecl(_Declaration):
@@ -83,8 +80,8 @@ class EntityDecl(_Declaration):
     external: bool = False
     owner: str | None = None
 
-    _key_list = field_validator("key", mode="before")(_str_list)
-    _req_list = field_validator("req", "access", mode="before")(_str_list)
+    _key_list = field_validator("key", mode="before")(as_list)
+    _req_list = field_validator("req", "access", mode="before")(as_list)
 
     @field_validator("filter", mode="before")
     @classmethod
