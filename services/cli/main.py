@@ -10,7 +10,7 @@ import json
 import sys
 import traceback
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,12 +18,21 @@ import click
 import typer
 from sqlalchemy import text
 
+from services.core.artifacts import (
+    Catalog,
+    Manifest,
+    load_catalog,
+    load_manifest,
+    parse_catalog,
+    parse_manifest,
+    parse_run_results,
+)
 from services.core.artifacts import base as artifact_base
-from services.core.artifacts import parse_catalog, parse_manifest, parse_run_results
 from services.core.auth import ensure_demo_token
 from services.core.dbt import first_failure, run_dbt
 from services.core.errors import CdmeError, DbtError
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
+from services.core.logs import configure_logging
 from services.core.secrets import resolve_pepper
 from services.core.settings import CdmeSettings, get_settings
 from services.core.warehouse import (
@@ -167,6 +176,8 @@ def build_command(
     if full_refresh:
         command.append("--full-refresh")
     run_dir = settings.home / "runs" / f"{day}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+    # Declarations are checked before dbt touches the warehouse: a bad one stops the build with nothing written.
+    ldm = _project_ldm(settings, _parse_project(settings, run_dir / "target", url=url, epoch=day))
     invocation = run_dbt(
         command,
         project_dir=settings.project_dir,
@@ -175,6 +186,7 @@ def build_command(
         pepper=resolve_pepper(settings),
         schema=settings.dbt_schema,
         target=settings.dbt_target,
+        partial_parse=True,
         on_progress=None if quiet else typer.echo,
     )
     if not invocation.succeeded:
@@ -182,7 +194,6 @@ def build_command(
         raise DbtError(msg)
     results = invocation.run_results()
     statuses = Counter(r.status for r in results.results) if results else Counter()
-    ldm = load_ldm(invocation.manifest(), load_project_config(settings.project_dir / "cdme.yml"))
     built = {r.unique_id for r in results.results} if results else set()
     counts = _row_counts(url, ldm, built)
     elapsed = results.elapsed_time if results else 0.0
@@ -199,21 +210,34 @@ def build_command(
 # -- LDM and artifacts ----------------------------------------------------------------------------------------
 
 
-def _parse_project(settings: CdmeSettings) -> Path:
-    target = settings.home / "parse" / "target"
+# `dbt parse` renders profiles.yml but never connects, so any well-formed URL serves when none is configured.
+_PARSE_ONLY_URL = "postgresql://postgres@127.0.0.1:5432/cdme"
+
+
+def _parse_project(
+    settings: CdmeSettings, target: Path, *, url: str | None = None, epoch: date | None = None
+) -> Manifest:
+    command = ["parse"]
+    if epoch is not None:
+        command += ["--vars", json.dumps({"epoch_date": epoch.isoformat()})]
     invocation = run_dbt(
-        ["parse"],
+        command,
         project_dir=settings.project_dir,
         target_path=target,
-        warehouse_url=settings.warehouse_url
-        or "postgresql://postgres@127.0.0.1:5432/cdme",  # parse never connects
+        warehouse_url=url or settings.warehouse_url or _PARSE_ONLY_URL,
         schema=settings.dbt_schema,
         target=settings.dbt_target,
+        partial_parse=True,
     )
     if not invocation.succeeded:
         msg = f"dbt parse failed: {first_failure(invocation)}"
         raise DbtError(msg)
-    return target / "manifest.json"
+    return invocation.manifest()
+
+
+def _project_ldm(settings: CdmeSettings, manifest: Manifest, catalog: Catalog | None = None) -> Ldm:
+    config = load_project_config(settings.project_dir / "cdme.yml")
+    return load_ldm(manifest, config, catalog, lineage_mode=settings.lineage_mode)
 
 
 @ldm_app.command("check")
@@ -225,14 +249,17 @@ def ldm_check(
     ] = None,
 ) -> None:
     """Load every meta.cdme declaration and cdme.yml; list each invalid one with its entity and field."""
-    from services.core.artifacts import load_catalog, load_manifest
-
     settings = get_settings()
-    manifest_path = manifest or _parse_project(settings)
+    parsed = (
+        load_manifest(manifest) if manifest else _parse_project(settings, settings.home / "parse" / "target")
+    )
     project_config = load_project_config(config or settings.project_dir / "cdme.yml")
     try:
         ldm = load_ldm(
-            load_manifest(manifest_path), project_config, load_catalog(catalog) if catalog else None
+            parsed,
+            project_config,
+            load_catalog(catalog) if catalog else None,
+            lineage_mode=settings.lineage_mode,
         )
     except LdmDeclarationError as e:
         for problem in e.problems[1:]:
@@ -241,6 +268,13 @@ def ldm_check(
     kinds = Counter(e.kind or e.resource_type for e in ldm)
     keyed = sum(1 for e in ldm if e.key is not None)
     typer.echo(f"{len(ldm.entities)} entities ({dict(kinds)}); {keyed} with a record key; declarations valid")
+    unverified = sorted(e.name for e in ldm if e.key is not None and not e.key.verified)
+    if unverified:
+        typer.echo(
+            f"cdme: warning: {len(unverified)} record keys could not be checked against any column (document "
+            f"the columns in YAML or pass --catalog): {', '.join(unverified)}",
+            err=True,
+        )
 
 
 @artifacts_app.command("check")
@@ -294,6 +328,9 @@ def _crash_log(exc: BaseException) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script's entry point)."""
     try:
+        settings = get_settings()
+        # The terminal gets results on stdout; diagnostics go to stderr in the configured format.
+        configure_logging("cli", settings.log_level, settings.log_format, stream=sys.stderr)
         result = app(args=argv, standalone_mode=False, prog_name="cdme")
     except (typer.Exit, click.exceptions.Exit) as e:
         return int(e.exit_code)

@@ -68,7 +68,14 @@ def dbt_executable() -> str:
 
 
 def dbt_environment(
-    project_dir: Path, target_path: Path, warehouse_url: str, *, pepper: str | None, schema: str, target: str
+    project_dir: Path,
+    target_path: Path,
+    warehouse_url: str,
+    *,
+    pepper: str | None,
+    schema: str,
+    target: str,
+    partial_parse: bool = False,
 ) -> dict[str, str]:
     """The complete environment of a dbt subprocess (style: explicit, never inherited by accident)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "CDME_"))}
@@ -81,7 +88,9 @@ def dbt_environment(
             "DBT_LOG_PATH": str(target_path),
             "DBT_LOG_FORMAT": "json",
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
-            "DBT_PARTIAL_PARSE": "false",
+            # Off by default so that every invocation reads the project as it is now; a build that follows
+            # its own parse in the same target directory turns it on to reuse that parse.
+            "DBT_PARTIAL_PARSE": "true" if partial_parse else "false",
             "DBT_USE_COLORS": "false",
             "DBT_SCHEMA": schema,
             "DBT_TARGET": target,
@@ -102,6 +111,7 @@ def run_dbt(
     pepper: str | None = None,
     schema: str = "analytics",
     target: str = "dev",
+    partial_parse: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> DbtInvocation:
     """Run `dbt <command>` and wait for it.
@@ -114,6 +124,7 @@ def run_dbt(
         pepper: The pseudonymization pepper, passed as a session setting.
         schema: The target schema (`DBT_SCHEMA`).
         target: The profile target (`DBT_TARGET`).
+        partial_parse: Reuse a parse left in `target_path` by an earlier invocation with the same inputs.
         on_progress: Called with dbt's message for each node result and the run summary.
 
     Returns:
@@ -124,7 +135,13 @@ def run_dbt(
     """
     target_path.mkdir(parents=True, exist_ok=True)
     env = dbt_environment(
-        project_dir, target_path, warehouse_url, pepper=pepper, schema=schema, target=target
+        project_dir,
+        target_path,
+        warehouse_url,
+        pepper=pepper,
+        schema=schema,
+        target=target,
+        partial_parse=partial_parse,
     )
     args = (dbt_executable(), *command)
     errors: list[str] = []

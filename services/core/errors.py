@@ -110,9 +110,13 @@ def error_location(loc: Any) -> str:
 
     Keys come from user files, and a key holding a newline must not break a one-line message.
     """
-    return ".".join(
-        str(p) if str(p).isprintable() and str(p).strip() == str(p) and str(p) else repr(p) for p in loc
-    )
+
+    def part(p: Any) -> str:
+        text = str(p)
+        plain = bool(text) and text.isprintable() and text.strip() == text
+        return text if plain else repr(p)
+
+    return ".".join(part(p) for p in loc)
 
 
 def validation_error_parts(error: Any) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import httpx
 
 from services.core.errors import UpstreamServiceError
 from services.core.logs import current_context
+from services.core.settings import CdmeSettings
 
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -73,6 +74,13 @@ class ServiceClient:
         self._client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
         self._retries = retries
         self._backoff = backoff
+
+    @classmethod
+    def from_settings(
+        cls, base_url: str, settings: CdmeSettings, *, token: str | None = None
+    ) -> ServiceClient:
+        """A client with the timeout and retries of `CDME_HTTP_TIMEOUT_S` and `CDME_HTTP_RETRIES`."""
+        return cls(base_url, token=token, timeout=settings.http_timeout_s, retries=settings.http_retries)
 
     def __enter__(self) -> ServiceClient:
         return self

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from services.core.errors import UsageError, WarehouseError
+from services.core.errors import ConfigurationError, UsageError, WarehouseError
 from services.datagen.trading import ANOMALY_RATES, GenerateRequest, currency_codes, generate, table_digests
 from tests.conftest import PROJECT_DIR, CliResult
 
@@ -147,7 +148,10 @@ def test_mixing_seeds_in_one_warehouse_is_refused(new_database: Callable[[], str
             ["--trades", "10", "--epoch", "20261120"],
             "cdme: error: --epoch must be a date as YYYY-MM-DD, got '20261120'",
         ),
-        (["--trades", "10", "--epoch", "1999-12-31"], "cdme: error: --epoch must be after 2000-01-01"),
+        (
+            ["--trades", "10", "--epoch", "1999-12-31"],
+            "cdme: error: --epoch must be after 2000-01-01 and at most",
+        ),
         (["--trades", "10"], "cdme: error: Missing option '--epoch'."),
     ],
 )
@@ -182,7 +186,20 @@ def test_generate_cli_reports_what_it_loaded(
     assert f"raw_trading.trades md5={_digests(url)['raw_trading.trades']}" in result.stdout
 
 
+def test_currency_seed_problems_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"nope\.csv: cannot read currency codes"):
+        currency_codes(tmp_path / "nope.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("currency_code,currency_name\n")
+    with pytest.raises(ConfigurationError, match=r"empty\.csv: no currency codes"):
+        currency_codes(empty)
+
+
 def test_request_validation_without_a_warehouse() -> None:
+    with pytest.raises(
+        UsageError, match="--epoch must be after 2000-01-01 and at most 2099-12-31, got 9999-12-31"
+    ):
+        GenerateRequest(trades=1, epoch=date(9999, 12, 31))
     with pytest.raises(UsageError, match="--counterparties must be between 1 and 1,000,000, got 0"):
         GenerateRequest(trades=1, epoch=EPOCH, counterparties=0)
     with pytest.raises(UsageError, match="--seed must be between 0 and 2"):

@@ -366,6 +366,9 @@ def test_invalid_meta_cdme_fails_ldm_check_naming_model_and_field(
     good = cli("ldm", "check", env={"CDME_PROJECT_DIR": str(PROJECT_DIR)})
     assert good.returncode == 0, good.stderr
     assert "declarations valid" in good.stdout
+    assert good.stderr == "", (
+        "every record key of the reference project is checked against documented columns"
+    )
 
     bad = cli("ldm", "check", env={"CDME_PROJECT_DIR": str(project)})
     assert bad.returncode == 65
@@ -373,3 +376,29 @@ def test_invalid_meta_cdme_fails_ldm_check_naming_model_and_field(
         "cdme: error: fct_monthly_positions: meta.cdme.grain: unknown grain 'Hourly' "
         "(declared in cdme.yml: Atomic, DailyAggregate, MonthlyAggregate, Reference)\n"
     )
+
+
+def test_build_with_an_invalid_declaration_writes_nothing(
+    tmp_path: Path, new_database: Callable[[], str], cli: Callable[..., CliResult]
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs"))
+    staging = project / "models" / "staging" / "_staging.yml"
+    staging.write_text(staging.read_text().replace("kind: iso", "kind: isomorphism", 1))
+    url = new_database()
+
+    result = cli(
+        "build",
+        "--epoch",
+        "2026-11-20",
+        "--quiet",
+        env={"CDME_WAREHOUSE_URL": url, "CDME_PROJECT_DIR": str(project)},
+    )
+
+    assert result.returncode == 65
+    assert result.stderr.startswith("cdme: error: stg_trades: meta.cdme.kind: Input should be 'iso',")
+    with psycopg.connect(url) as conn:
+        schemas = {
+            r[0] for r in conn.execute("select schema_name from information_schema.schemata").fetchall()
+        }
+    assert not schemas & {"staging", "intermediate", "marts", "snapshots", "raw_reference", "errors"}

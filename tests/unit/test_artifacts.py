@@ -240,3 +240,56 @@ def test_loading_is_cached_per_content(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     os.utime(path, ns=(1, 10**18))  # a new mtime even on coarse-grained file systems
     assert load_manifest(path).metadata.project_name == "changed"
+
+
+# What each schema version's nodes look like in the fields CDME reads (dbt-core's upgrade notes per version).
+_VERSION_SHAPES: dict[int, dict[str, Any]] = {
+    7: {"refs": [["stg"]], "sources": [["raw", "t"]]},
+    8: {"refs": [["stg"]], "metrics": []},
+    9: {
+        "refs": [{"name": "stg", "package": None, "version": None}],
+        "constraints": [],
+        "access": "protected",
+        "contract": {"enforced": False},
+    },
+    10: {
+        "refs": [{"name": "stg", "package": None, "version": 2}],
+        "access": "public",
+        "version": 3,
+        "latest_version": 3,
+    },
+    11: {
+        "refs": [{"name": "stg", "package": None, "version": None}],
+        "constraints": [{"type": "primary_key", "columns": ["id"]}],
+    },
+    12: {
+        "refs": [{"name": "stg", "package": None, "version": None}],
+        "primary_key": ["id"],
+        "time_spine": None,
+    },
+}
+
+
+@pytest.mark.parametrize("version", sorted(_VERSION_SHAPES))
+def test_each_versions_node_shape_is_read(version: int) -> None:
+    node = {
+        "unique_id": "model.p.m",
+        "resource_type": "model",
+        "name": "m",
+        "package_name": "p",
+        "schema": "s",
+        "raw_code": "select 1 as id",
+        "compiled_code": "select 1 as id",
+        "depends_on": {"nodes": ["model.p.stg"], "macros": []},
+        "columns": {"id": {"name": "id", "data_type": "int", "meta": {}, "tags": []}},
+        **_VERSION_SHAPES[version],
+    }
+    extra = {"semantic_models": {}, "saved_queries": {}} if version >= 10 else {}
+    extra |= {"unit_tests": {}} if version >= 12 else {}
+    manifest = parse_manifest(_manifest(version, nodes={"model.p.m": node}, **extra))
+    parsed = manifest.nodes["model.p.m"]
+    assert [r.name for r in parsed.refs] == ["stg"]
+    assert parsed.compiled_code == "select 1 as id"
+    assert parsed.columns["id"].data_type == "int"
+    if version >= 11:
+        assert parsed.constraints or parsed.primary_key

@@ -380,3 +380,64 @@ def test_resolve_pepper_without_cdme_pepper_creates_the_demo_pepper(tmp_path: Pa
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(pepper) >= 16
     assert resolve_pepper(settings) == pepper
+
+
+# -- review fixes: URLs that cannot be used, database names, dbt's view of the URL -----------------------------------
+
+
+def test_a_url_with_a_non_numeric_port_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDME_WAREHOUSE_URL", "postgresql://u:secret@h:notaport/db")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert str(info.value) == (
+        "invalid setting CDME_WAREHOUSE_URL: cannot parse the URL's host, port or database; "
+        "expected postgresql://user:password@host:port/db"
+    )
+    assert "secret" not in str(info.value)
+
+
+def test_a_url_without_a_scheme_is_not_echoed() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        normalize_postgres_url("u:secret@host/db")
+    assert "secret" not in str(info.value)
+    assert str(info.value).startswith("not a PostgreSQL URL: a value without a scheme;")
+
+
+def test_url_schemes_are_case_insensitive() -> None:
+    assert normalize_postgres_url("POSTGRESQL://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+@pytest.mark.parametrize("name", ['cdme"; drop database x; --', "1db", "", "a" * 64])
+def test_database_must_be_a_plain_identifier(name: str) -> None:
+    with pytest.raises(ValidationError):
+        CdmeSettings(database=name)
+
+
+def test_dbt_sees_the_urls_sslmode() -> None:
+    from services.core.warehouse import dbt_connection_env, libpq_url
+
+    env = dbt_connection_env("postgresql://u:pw@db.example:6543/warehouse?sslmode=require")
+    assert env == {
+        "DBT_HOST": "db.example",
+        "DBT_PORT": "6543",
+        "DBT_USER": "u",
+        "DBT_ENV_SECRET_PASSWORD": "pw",
+        "DBT_DATABASE": "warehouse",
+        "DBT_SSLMODE": "require",
+    }
+    assert dbt_connection_env("postgresql://u@h/d")["DBT_SSLMODE"] == "prefer"
+    assert libpq_url("postgresql+psycopg://u:pw@h:1/d", "other") == "postgresql://u:pw@h:1/other"
+
+
+def test_service_client_takes_timeout_and_retries_from_settings(tmp_path: Path) -> None:
+    from services.core.http import ServiceClient
+
+    settings = CdmeSettings(home=tmp_path, http_timeout_s=2.5, http_retries=7)
+    with ServiceClient.from_settings("http://127.0.0.1:1", settings, token="t") as client:
+        assert client._retries == 7
+        assert client._client.timeout.read == 2.5
+        assert client._client.headers["Authorization"] == "Bearer t"
