@@ -284,7 +284,7 @@ def test_each_versions_node_shape_is_read(version: int) -> None:
         "columns": {"id": {"name": "id", "data_type": "int", "meta": {}, "tags": []}},
         **_VERSION_SHAPES[version],
     }
-    extra = {"semantic_models": {}, "saved_queries": {}} if version >= 10 else {}
+    extra: dict[str, Any] = {"semantic_models": {}, "saved_queries": {}} if version >= 10 else {}
     extra |= {"unit_tests": {}} if version >= 12 else {}
     manifest = parse_manifest(_manifest(version, nodes={"model.p.m": node}, **extra))
     parsed = manifest.nodes["model.p.m"]
