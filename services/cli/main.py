@@ -30,7 +30,7 @@ from services.core.artifacts import (
 from services.core.artifacts import base as artifact_base
 from services.core.auth import ensure_demo_token
 from services.core.dbt import first_failure, run_dbt
-from services.core.errors import CdmeError, DbtError
+from services.core.errors import CdmeError, DbtError, UsageError
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
 from services.core.logs import configure_logging
 from services.core.secrets import resolve_pepper
@@ -43,6 +43,7 @@ from services.core.warehouse import (
     resolve_warehouse_url,
 )
 from services.datagen.trading import GenerateRequest, currency_codes, generate, parse_epoch
+from services.validation.domain import validate_project
 
 app = typer.Typer(
     name="cdme",
@@ -215,11 +216,20 @@ _PARSE_ONLY_URL = "postgresql://postgres@127.0.0.1:5432/cdme"
 
 
 def _parse_project(
-    settings: CdmeSettings, target: Path, *, url: str | None = None, epoch: date | None = None
+    settings: CdmeSettings,
+    target: Path,
+    *,
+    url: str | None = None,
+    epoch: date | None = None,
+    compile_sql: bool = False,
+    dbt_vars: str | None = None,
 ) -> Manifest:
-    command = ["parse"]
+    # Compiling without the relation cache needs no warehouse: validation runs before anything exists.
+    command = ["compile", "--no-populate-cache"] if compile_sql else ["parse"]
     if epoch is not None:
         command += ["--vars", json.dumps({"epoch_date": epoch.isoformat()})]
+    elif dbt_vars:
+        command += ["--vars", dbt_vars]
     invocation = run_dbt(
         command,
         project_dir=settings.project_dir,
@@ -230,7 +240,7 @@ def _parse_project(
         partial_parse=True,
     )
     if not invocation.succeeded:
-        msg = f"dbt parse failed: {first_failure(invocation)}"
+        msg = f"dbt {command[0]} failed: {first_failure(invocation)}"
         raise DbtError(msg)
     return invocation.manifest()
 
@@ -303,6 +313,83 @@ def artifacts_check(
             "catalog": lambda a: f"{len(a.nodes)} nodes, {len(a.sources)} sources",
         }[kind](parsed)
         typer.echo(f"{path}: {kind} v{version}: {sizes}")
+
+
+@app.command("validate")
+def validate_command(
+    project_dir: Annotated[
+        Path | None, typer.Option("--project-dir", help="dbt project (default: CDME_PROJECT_DIR).")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option("--manifest", help="A compiled manifest.json instead.")
+    ] = None,
+    catalog: Annotated[
+        Path | None, typer.Option("--catalog", help="catalog.json: the warehouse's columns.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="cdme.yml (default: the project's, if any).")
+    ] = None,
+    dbt_vars: Annotated[
+        str | None, typer.Option("--vars", help="dbt --vars for compiling, passed through.")
+    ] = None,
+    output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
+) -> None:
+    """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
+    if output not in {"json", "text"}:
+        msg = f"--format must be json or text, got {output!r}"
+        raise UsageError(msg)
+    if project_dir is not None and manifest is not None:
+        msg = "give --project-dir or --manifest, not both"
+        raise UsageError(msg)
+    settings = get_settings()
+    try:
+        if manifest is not None:
+            parsed = load_manifest(manifest)
+            directory = project_dir
+        else:
+            directory = (project_dir or settings.project_dir).resolve()
+            scoped = settings.model_copy(update={"project_dir": directory})
+            parsed = _parse_project(
+                scoped, settings.home / "validate" / "target", compile_sql=True, dbt_vars=dbt_vars
+            )
+        config_path = config or (directory / "cdme.yml" if directory is not None else None)
+        report = validate_project(
+            parsed,
+            config=load_project_config(config_path)
+            if config_path is not None and (config or config_path.exists())
+            else None,
+            catalog=load_catalog(catalog) if catalog else None,
+            project_dir=directory,
+            lineage_mode=settings.lineage_mode,
+        )
+    except UsageError:
+        raise
+    except CdmeError as e:
+        # Whatever stops validation from starting is bad input to this command (exit 2), not a finding.
+        raise UsageError(str(e)) from e
+    if output == "json":
+        summary = {
+            "errors": len(report.errors),
+            "warnings": len(report.warnings),
+            "unverifiable": sum(1 for f in report.findings if f.verdict == "UNVERIFIABLE"),
+        }
+        payload = {"summary": summary, **report.model_dump(mode="json")}
+        payload["coverage"] |= {
+            "model_share": report.coverage.model_share,
+            "column_share": report.coverage.column_share,
+        }
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        for f in report.findings:
+            where = f"{f.model}:{f.line}" if f.line else f.model
+            typer.echo(f"{f.verdict:<12} {f.severity:<7} {f.code} {where}: {f.message}")
+        c = report.coverage
+        typer.echo(
+            f"{len(report.errors)} errors, {len(report.warnings)} warnings; {c.models_fully_resolved}/{c.models} models "
+            f"and {c.column_references_resolved}/{c.column_references} column references fully resolved"
+        )
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @auth_app.command("token")

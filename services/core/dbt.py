@@ -191,9 +191,17 @@ def first_failure(invocation: DbtInvocation) -> str:
     return f"dbt exited with code {invocation.returncode}"
 
 
+# Lines dbt puts above the actual message, which say nothing on their own.
+_BARE_HEADERS = frozenset(
+    {"Encountered an error:", "Runtime Error", "Compilation Error", "Database Error", "Parsing Error"}
+)
+
+
 def _one_line(message: str) -> str:
     # dbt writes "Database Error in model x (path)" and the database's own words on the next line.
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    while len(lines) > 1 and lines[0] in _BARE_HEADERS:
+        lines = lines[1:]
     if not lines:
         return ""
     if len(lines) > 1 and lines[0].endswith(")") and " Error in " in lines[0]:

@@ -155,6 +155,7 @@ class ManifestNode(ArtifactModel):
     column_name: str | None = None
     attached_node: str | None = None
     constraints: list[Constraint] = Field(default_factory=list)
+    contract: dict[str, Any] = Field(default_factory=dict)
     access: str | None = None
     version: str | int | float | None = None
     primary_key: list[str] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""The validation service: the pre-run gate over a dbt project."""

@@ -1,0 +1,53 @@
+"""Validate a project: its declarations (the LDM) and its SQL, into one report of every finding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.core.artifacts import Catalog, Manifest
+from services.core.ldm import Ldm, LdmDeclarationError, ProjectConfig, load_ldm
+from services.core.ldm.config import LineageMode
+from services.validation.domain.analysis import analyze_project
+from services.validation.domain.findings import Finding, Report
+
+
+def validate_project(
+    manifest: Manifest,
+    *,
+    config: ProjectConfig | None = None,
+    catalog: Catalog | None = None,
+    project_dir: Path | None = None,
+    lineage_mode: LineageMode | None = None,
+) -> Report:
+    """Every finding about a project, declarations first.
+
+    Args:
+        manifest: A manifest with compiled SQL.
+        config: The project's `cdme.yml`; without it only the SQL is checked (a project that has not adopted
+            CDME's declarations still gets existence and determinism checks).
+        catalog: The warehouse's catalog, when there is one.
+        project_dir: The project's directory (seed headers).
+        lineage_mode: `CDME_LINEAGE_MODE`, passed to the LDM.
+
+    Returns:
+        The report; `report.errors` empty means the project may run.
+    """
+    findings: list[Finding] = []
+    ldm: Ldm | None = None
+    if config is not None:
+        try:
+            ldm = load_ldm(manifest, config, catalog, lineage_mode=lineage_mode)
+        except LdmDeclarationError as e:
+            for problem in e.problems:
+                rule = (
+                    "lookups"
+                    if problem.field == "driving" or problem.field.startswith("lookups")
+                    else "declarations"
+                )
+                findings.append(
+                    Finding.of(
+                        rule, "VIOLATION", problem.entity, f"meta.cdme.{problem.field}: {problem.message}"
+                    )
+                )
+    analysis = analyze_project(manifest, catalog=catalog, ldm=ldm, project_dir=project_dir)
+    return Report(findings=findings + analysis.findings, coverage=analysis.coverage)

@@ -1,0 +1,218 @@
+"""Validation of the reference project, compiled by real dbt without a warehouse, and the `cdme validate` CLI."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from services.core.artifacts import Manifest, load_manifest
+from services.core.dbt import first_failure, run_dbt
+from services.core.ldm import ProjectConfig, load_project_config
+from services.core.warehouse import libpq_url
+from services.validation.domain import Report, validate_project
+from services.validation.domain.volatility import catalog_volatility, shipped_volatility
+from tests.conftest import PROJECT_DIR, RESEARCH_DATA, CliResult
+
+pytestmark = pytest.mark.integration
+
+VARS = '{"epoch_date": "2026-11-20"}'
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    target = tmp_path_factory.mktemp("compiled")
+    # Port 1 refuses connections: validation must not need a warehouse.
+    invocation = run_dbt(
+        ["compile", "--no-populate-cache", "--vars", VARS],
+        project_dir=PROJECT_DIR,
+        target_path=target,
+        warehouse_url="postgresql://nobody@127.0.0.1:1/none",
+    )
+    assert invocation.succeeded, first_failure(invocation)
+    return load_manifest(target / "manifest.json")
+
+
+@pytest.fixture(scope="module")
+def config() -> ProjectConfig:
+    return load_project_config(PROJECT_DIR / "cdme.yml")
+
+
+def _validate(manifest: Manifest, config: ProjectConfig) -> Report:
+    return validate_project(manifest, config=config, project_dir=PROJECT_DIR)
+
+
+def _mutate_sql(manifest: Manifest, model: str, old: str, new: str) -> Manifest:
+    node = next(n for n in manifest.models() if n.name == model)
+    assert node.compiled_code is not None and old in node.compiled_code, (model, old)
+    nodes = dict(manifest.nodes)
+    nodes[node.unique_id] = node.model_copy(update={"compiled_code": node.compiled_code.replace(old, new, 1)})
+    return manifest.model_copy(update={"nodes": nodes})
+
+
+def _mutate_meta(manifest: Manifest, model: str, change: Callable[[dict[str, Any]], None]) -> Manifest:
+    node = next(n for n in manifest.models() if n.name == model)
+    meta = copy.deepcopy(node.config.meta)
+    change(meta["cdme"])
+    nodes = dict(manifest.nodes)
+    nodes[node.unique_id] = node.model_copy(update={"config": node.config.model_copy(update={"meta": meta})})
+    return manifest.model_copy(update={"nodes": nodes})
+
+
+def test_the_reference_project_validates_clean(compiled: Manifest, config: ProjectConfig) -> None:
+    report = _validate(compiled, config)
+    assert report.findings == [] or all(f.verdict != "VIOLATION" for f in report.findings), report.findings
+    assert report.coverage.models == 10
+    assert report.coverage.column_share > 0.9
+
+
+@pytest.mark.parametrize(
+    ("model", "old", "new", "rule", "message"),
+    [
+        (
+            "fct_daily_positions",
+            "sum(notional)",
+            "sum(notionl)",
+            "existence.column",
+            "column `notionl` does not exist in `int_trades_enriched`; did you mean `notional`?",
+        ),
+        (
+            "fct_monthly_positions",
+            '"marts"."fct_daily_positions"',
+            '"marts"."fct_daily_position"',
+            "existence.relation",
+            "relation `marts.fct_daily_position` is not a source, seed, snapshot or model of the project; "
+            "did you mean `fct_daily_positions`?",
+        ),
+        (
+            "int_trades_active",
+            "trade_status\nfrom",
+            "trade_status,\n    random() as noise\nfrom",
+            "determinism",
+            "`random` is non-deterministic",
+        ),
+        (
+            "stg_trades",
+            "select\n",
+            "select distinct\n",
+            "morphism.iso",
+            "declared `kind: iso` (1:1) but the SQL has DISTINCT",
+        ),
+    ],
+)
+def test_planted_mistakes_in_the_reference_project_are_errors(
+    compiled: Manifest, config: ProjectConfig, model: str, old: str, new: str, rule: str, message: str
+) -> None:
+    report = _validate(_mutate_sql(compiled, model, old, new), config)
+    caught = [f for f in report.errors if f.rule == rule and f.model == model]
+    assert caught, [f.message for f in report.findings]
+    assert message in caught[0].message
+    assert caught[0].line is not None, "the finding points at the line in the model's own file"
+
+
+def test_iso_model_with_group_by_is_an_error(compiled: Manifest, config: ProjectConfig) -> None:
+    node = next(n for n in compiled.models() if n.name == "stg_risk_factors")
+    assert node.compiled_code is not None
+    mutated = _mutate_sql(
+        compiled,
+        "stg_risk_factors",
+        node.compiled_code,
+        node.compiled_code + "\ngroup by 1, 2, 3, 4, 5, 6, 7",
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "morphism.iso"]
+    assert [f.message for f in caught] == [
+        "declared `kind: iso` (1:1) but the SQL has GROUP BY; declare the kind it is or remove it"
+    ]
+
+
+def test_an_unversioned_lookup_is_an_error(compiled: Manifest, config: ProjectConfig) -> None:
+    mutated = _mutate_meta(compiled, "int_trades_enriched", lambda cdme: cdme["lookups"].pop("currencies"))
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "lookups"]
+    assert [(f.model, f.code) for f in caught] == [("int_trades_enriched", "CDME-V030")]
+    assert (
+        "'currencies' is an upstream of int_trades_enriched but neither its driving upstream nor a declared lookup"
+        in caught[0].message
+    )
+
+
+def test_a_clock_in_an_external_morphism_is_allowed(compiled: Manifest, config: ProjectConfig) -> None:
+    mutated = _mutate_sql(
+        compiled, "int_trades_active", "trade_status\nfrom", "trade_status,\n    now() as loaded_at\nfrom"
+    )
+    assert [f.rule for f in _validate(mutated, config).errors] == ["determinism"]
+    external = _mutate_meta(mutated, "int_trades_active", lambda cdme: cdme.update(external=True))
+    assert _validate(external, config).errors == []
+
+
+def test_shipped_volatility_list_equals_the_test_servers_catalog(server_url: str) -> None:
+    with psycopg.connect(libpq_url(server_url)) as conn:
+        live = catalog_volatility(conn)
+    assert live == shipped_volatility(), (
+        "regenerate services/validation/domain/pg_volatility.json from this server"
+    )
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_validates_the_project_without_a_warehouse(cli: Callable[..., CliResult]) -> None:
+    result = cli(
+        "validate", "--vars", VARS, env={"CDME_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"]["errors"] == 0
+    assert report["coverage"]["models"] == 10
+    assert report["findings"] == []
+    assert report["summary"] == {"errors": 0, "warnings": 0, "unverifiable": 0}
+    assert {"models_fully_resolved", "column_references", "model_share", "column_share"} <= set(
+        report["coverage"]
+    )
+
+
+def test_cli_exits_1_on_error_findings_and_reports_them(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    manifest = json.loads(
+        gzip.decompress((RESEARCH_DATA / "jaffle-shop-v12-postgres-compiled-manifest.json.gz").read_bytes())
+    )
+    orders = manifest["nodes"]["model.jaffle_shop.orders"]
+    assert "order_items_summary.count_food_items > 0" in orders["compiled_code"]
+    orders["compiled_code"] = orders["compiled_code"].replace(
+        "order_items_summary.count_food_items > 0", "order_items_summary.count_food_itms > 0", 1
+    )
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+
+    result = cli("validate", "--manifest", str(path), "--format", "text")
+    assert result.returncode == 1, result.stdout
+    assert "VIOLATION    error   CDME-V002 orders:" in result.stdout
+    assert (
+        "column `count_food_itms` does not exist in `order_items_summary`; did you mean `count_food_items`?"
+        in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--manifest", "/nonexistent/manifest.json"],
+            "cdme: error: /nonexistent/manifest.json: file not found",
+        ),
+        (["--format", "yaml", "--manifest", "x"], "cdme: error: --format must be json or text, got 'yaml'"),
+        ([], "cdme: error: dbt compile failed: Compilation Error in model"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(
+    cli: Callable[..., CliResult], args: list[str], message: str
+) -> None:
+    result = cli("validate", *args, env={"CDME_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
