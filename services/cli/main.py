@@ -18,6 +18,7 @@ import click
 import typer
 from sqlalchemy import text
 
+from services.cli.bench import bench_app
 from services.core.artifacts import (
     Catalog,
     Manifest,
@@ -28,7 +29,7 @@ from services.core.artifacts import (
     parse_run_results,
 )
 from services.core.artifacts import base as artifact_base
-from services.core.auth import ensure_demo_token
+from services.core.auth import TokenAuthenticator, ensure_demo_token
 from services.core.dbt import first_failure, run_dbt
 from services.core.errors import CdmeError, DbtError, UsageError
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
@@ -61,6 +62,7 @@ app.add_typer(warehouse_app, name="warehouse")
 app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
+app.add_typer(bench_app, name="bench")
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
@@ -315,6 +317,14 @@ def artifacts_check(
         typer.echo(f"{path}: {kind} v{version}: {sizes}")
 
 
+def _principal_roles(settings: CdmeSettings, name: str) -> frozenset[str]:
+    found = TokenAuthenticator.from_settings(settings).principal_named(name)
+    if found is None:
+        msg = f"unknown principal {name!r}: it is not in CDME_AUTH_TOKENS or the tokens file"
+        raise UsageError(msg)
+    return found.roles
+
+
 @app.command("validate")
 def validate_command(
     project_dir: Annotated[
@@ -332,6 +342,10 @@ def validate_command(
     dbt_vars: Annotated[
         str | None, typer.Option("--vars", help="dbt --vars for compiling, passed through.")
     ] = None,
+    principal: Annotated[
+        str | None,
+        typer.Option("--principal", help="Validate as this principal: models its roles deny do not exist."),
+    ] = None,
     output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
 ) -> None:
     """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
@@ -343,6 +357,7 @@ def validate_command(
         raise UsageError(msg)
     settings = get_settings()
     try:
+        roles = _principal_roles(settings, principal) if principal is not None else None
         if manifest is not None:
             parsed = load_manifest(manifest)
             directory = project_dir
@@ -361,6 +376,8 @@ def validate_command(
             catalog=load_catalog(catalog) if catalog else None,
             project_dir=directory,
             lineage_mode=settings.lineage_mode,
+            principal=principal,
+            roles=roles,
         )
     except UsageError:
         raise

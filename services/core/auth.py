@@ -131,6 +131,10 @@ class TokenAuthenticator:
             {bytes.fromhex(p.token_sha256): Principal(p.name, frozenset(p.roles)) for p in parsed.principals}
         )
 
+    def principal_named(self, name: str) -> Principal | None:
+        """The principal called `name`, for acting on someone's behalf (e.g. `cdme validate --principal`)."""
+        return next((p for p in self._principals.values() if p.name == name), None)
+
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization` header value.
 

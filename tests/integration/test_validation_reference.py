@@ -216,3 +216,157 @@ def test_cli_bad_input_exits_2_with_one_line(
     result = cli("validate", *args, env={"CDME_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/none"})
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+# -- the rules that depend on declarations: types, grain, governance, folds, access, PostgreSQL ----------------------
+
+
+def _relation(manifest: Manifest, model: str) -> str:
+    node = next(n for n in manifest.nodes.values() if n.name == model)
+    assert node.relation_name is not None
+    return node.relation_name
+
+
+def test_a_join_of_numeric_and_text_is_a_type_error(compiled: Manifest, config: ProjectConfig) -> None:
+    mutated = _mutate_sql(
+        compiled,
+        "int_trade_risk_sensitivities",
+        "rf.currency_code = t.currency_code",
+        "rf.tenor_years = t.currency_code",
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "types"]
+    assert [f.message for f in caught] == [
+        "`rf.tenor_years` (numeric) is compared with `t.currency_code` (text): there is no implicit cast between "
+        "numeric and text; cast one side explicitly"
+    ]
+
+
+def test_mixing_semantic_types_is_a_type_error(compiled: Manifest, config: ProjectConfig) -> None:
+    mutated = _mutate_sql(
+        compiled,
+        "int_trades_active",
+        "trade_status\nfrom",
+        "trade_status,\n    notional + business_date as nonsense\nfrom",
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "types"]
+    assert caught and "semantic types Notional and BusinessDate do not unify" in caught[0].message
+
+
+def test_aggregating_past_a_level_of_the_grain_hierarchy_is_an_error(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    mutated = _mutate_sql(
+        compiled,
+        "fct_monthly_positions",
+        _relation(compiled, "fct_daily_positions"),
+        _relation(compiled, "int_trades_enriched"),
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "grain"]
+    assert [f.message for f in caught] == [
+        "aggregates int_trades_enriched (Atomic) straight to MonthlyAggregate, skipping DailyAggregate"
+    ]
+
+
+def test_joining_another_grain_without_aggregating_is_an_error(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    daily = _relation(compiled, "fct_daily_positions")
+    mutated = _mutate_sql(
+        compiled,
+        "int_trades_active",
+        "where trade_status <> 'CANCELLED'",
+        f"cross join {daily} as d\nwhere trade_status <> 'CANCELLED'",
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "grain"]
+    assert [f.message for f in caught] == [
+        "grain Atomic reads fct_daily_positions (DailyAggregate) without aggregating; aggregate to Atomic first "
+        "or declare the upstream a lookup"
+    ]
+
+
+def test_personal_data_reaching_a_mart_is_a_governance_error(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    leaky = _mutate_sql(
+        compiled, "int_trades_enriched", "    country_code,\n", "    country_code,\n    contact_email,\n"
+    )
+    leaky = _mutate_sql(
+        leaky,
+        "fct_daily_positions",
+        "count(*) as trade_count",
+        "count(*) as trade_count,\n    max(contact_email) as contact",
+    )
+    caught = [f for f in _validate(leaky, config).errors if f.rule == "governance"]
+    assert [(f.model, f.message) for f in caught] == [
+        (
+            "fct_daily_positions",
+            "column `contact` carries personal data into a mart; pseudonymize it (cdme_pseudonymize) or leave it out",
+        )
+    ]
+    hashed = _mutate_sql(
+        leaky, "fct_daily_positions", "max(contact_email) as contact", "max(md5(contact_email)) as contact"
+    )
+    assert [f for f in _validate(hashed, config).errors if f.rule == "governance"] == []
+
+
+def test_an_unordered_fold_is_an_error_in_a_governed_model(compiled: Manifest, config: ProjectConfig) -> None:
+    mutated = _mutate_sql(
+        compiled,
+        "fct_daily_positions",
+        "count(*) as trade_count",
+        "count(*) as trade_count,\n    string_agg(trade_id, ',') as trades",
+    )
+    caught = [f for f in _validate(mutated, config).errors if f.rule == "morphism.fold"]
+    assert caught and caught[0].message.startswith("`string_agg` without ORDER BY folds rows")
+    ordered = _mutate_sql(
+        mutated,
+        "fct_daily_positions",
+        "string_agg(trade_id, ',')",
+        "string_agg(trade_id, ',' order by trade_id)",
+    )
+    assert [f for f in _validate(ordered, config).errors if f.rule == "morphism.fold"] == []
+
+
+def test_postgres_identifier_rules(compiled: Manifest, config: ProjectConfig) -> None:
+    long_name = "net_notional_usd_" + "x" * 60
+    mutated = _mutate_sql(compiled, "fct_daily_positions", "as net_notional_usd", f"as {long_name}")
+    messages = [f.message for f in _validate(mutated, config).errors if f.rule == "postgres"]
+    assert messages == [
+        f"column name `{long_name}` is 77 bytes; PostgreSQL truncates identifiers to 63, so it would collide with any other name sharing that prefix"
+    ]
+
+
+def test_a_model_denied_to_a_principal_does_not_exist_for_it(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    as_analyst = validate_project(
+        compiled, config=config, project_dir=PROJECT_DIR, principal="ana", roles=frozenset({"risk_analyst"})
+    )
+    caught = sorted((f.model, f.message) for f in as_analyst.errors if f.rule == "access")
+    assert caught == [
+        ("int_trades_enriched", "relation `intermediate.int_trades_active` is unknown to principal `ana`"),
+        ("int_trades_enriched", "relation `snapshots.snap_counterparties` is unknown to principal `ana`"),
+    ]
+    assert "snap_counterparties" not in {s.model for s in as_analyst.plan.steps}
+    assert (
+        validate_project(
+            compiled, config=config, project_dir=PROJECT_DIR, roles=frozenset({"data_engineer"})
+        ).errors
+        == []
+    )
+
+
+def test_the_plan_classifies_every_model_and_its_checkpoints(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    plan = _validate(compiled, config).plan
+    steps = {s.model: s for s in plan.steps}
+    assert len(steps) == 10
+    assert (steps["int_trade_risk_sensitivities"].kind, steps["int_trade_risk_sensitivities"].declared) == (
+        "explode",
+        True,
+    )
+    assert steps["fct_monthly_positions"].lossy and steps["fct_monthly_positions"].checkpoint_after
+    assert steps["err_trades_enrichment"].declared is False
+    assert plan.inputs == ["raw_risk.risk_factors", "raw_trading.counterparties", "raw_trading.trades"]
+    assert plan.outputs == ["err_trades_enrichment", "fct_daily_risk_sensitivities", "fct_monthly_positions"]

@@ -34,8 +34,8 @@ from sqlglot.schema import MappingSchema
 
 from services.core.artifacts import Catalog, Manifest, ManifestNode, SourceDefinition
 from services.core.ldm import Ldm, entity_name
-from services.validation.domain.findings import Coverage, Finding, Report
-from services.validation.domain.volatility import nondeterministic_functions
+from services.validation.domain.findings import Coverage, Finding, Plan, PlanStep, Report
+from services.validation.domain.volatility import nondeterministic_functions, reserved_keywords
 
 # sqlglot warns on every construct its scope walker skips; the analysis reports those as UNVERIFIABLE itself.
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
@@ -58,11 +58,12 @@ _BARE_KEYWORDS = frozenset(
 
 @dataclass
 class RelationSchema:
-    """The columns of a relation and whether that list is known to be complete."""
+    """The columns of a relation, whether that list is known to be complete, and which are personal data."""
 
     columns: dict[str, str | None]
     complete: bool
     origin: str
+    personal: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -80,6 +81,8 @@ class _Context:
     by_relation: dict[tuple[str, str, str], str] = field(default_factory=dict)
     project_schemas: set[str] = field(default_factory=set)
     schemas: dict[str, RelationSchema] = field(default_factory=dict)
+    principal: str | None = None
+    hidden: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
 
 def _norm(*parts: str | None) -> tuple[str, str, str]:
@@ -160,6 +163,66 @@ def _source_line(node: ManifestNode, name: str, qualifier: str | None) -> tuple[
     return None, None
 
 
+_PG_MAX_IDENTIFIER = 63
+# Type families between which PostgreSQL converts implicitly and safely; anything else needs a cast.
+_TYPE_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("timestamp", ("timestamp", "datetime")),
+    ("date", ("date",)),
+    ("time", ("time",)),
+    ("interval", ("interval",)),
+    ("boolean", ("bool",)),
+    ("json", ("json",)),
+    ("uuid", ("uuid",)),
+    ("text", ("text", "varchar", "char", "character", "string", "citext", "name", "bpchar")),
+    (
+        "numeric",
+        ("int", "bigint", "smallint", "numeric", "decimal", "real", "double", "float", "money", "number"),
+    ),
+)
+_COMPATIBLE = {frozenset({"date", "timestamp"})}
+_HASH_FUNCTIONS = tuple(
+    cls
+    for name in ("SHA", "SHA2", "SHA2Digest", "MD5", "MD5Digest")
+    if isinstance(cls := getattr(exp, name, None), type)
+)
+_HASH_NAMES = frozenset({"sha224", "sha256", "sha384", "sha512", "digest", "hmac", "crypt"})
+
+
+def _type_family(data_type: str | None) -> str | None:
+    if not data_type:
+        return None
+    text = data_type.lower().strip()
+    if text.endswith("[]") or text.startswith(("_", "array")):
+        return "array"
+    for family, prefixes in _TYPE_FAMILIES:
+        if text.startswith(prefixes):
+            return family
+    return None
+
+
+def _families_compatible(left: str, right: str) -> bool:
+    return left == right or frozenset({left, right}) in _COMPATIBLE
+
+
+def _under_hash(column: exp.Expr, stop: exp.Expr) -> bool:
+    node = column.parent
+    while node is not None and node is not stop.parent:
+        if isinstance(node, _HASH_FUNCTIONS) or (
+            isinstance(node, exp.Anonymous) and node.name.lower() in _HASH_NAMES
+        ):
+            return True
+        node = node.parent
+    return False
+
+
+def _is_mart(node: ManifestNode) -> bool:
+    return (
+        "marts" in node.fqn[1:-1]
+        or node.schema_.lower() in {"mart", "marts"}
+        or node.name.startswith(("fct_", "dim_"))
+    )
+
+
 def _did_you_mean(name: str, candidates: Iterator[str] | list[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
@@ -176,6 +239,8 @@ class _ModelAnalysis:
         self.stats = _Stats()
         self.unknown_relations = False
         self.tainted: set[str] = set()
+        self.plan: PlanStep | None = None
+        self._personal_memo: dict[int, frozenset[str]] = {}
 
     def run(self) -> RelationSchema:
         sql = self.node.compiled_code
@@ -194,6 +259,9 @@ class _ModelAnalysis:
             return RelationSchema({}, complete=False, origin="unknown")
         self._check_determinism(tree)
         self._check_iso(tree)
+        self._check_folds(tree)
+        self._check_postgres(tree)
+        self.plan = self._plan_step(tree)
         mapping = self._mapping_schema(tree)
         try:
             qualified = qualify(
@@ -210,9 +278,14 @@ class _ModelAnalysis:
             self.findings.append(Finding.of("parse", "UNVERIFIABLE", self.name, message))
             return RelationSchema({}, complete=False, origin="unknown")
         self.tainted = _uncertain_ctes(qualified)
-        for scope in traverse_scope(qualified):
+        scopes = list(traverse_scope(qualified))
+        for scope in scopes:
             self._check_scope(scope)
-        return self._output_schema(qualified)
+            self._check_types(scope)
+        self._check_grain(qualified)
+        schema = self._output_schema(qualified, scopes[-1] if scopes else None)
+        self._check_governance(schema)
+        return schema
 
     # -- relations -------------------------------------------------------------------------------------------
 
@@ -241,6 +314,12 @@ class _ModelAnalysis:
 
     def _unknown_relation(self, table: exp.Table, key: tuple[str, str, str]) -> None:
         self.unknown_relations = True
+        if key in self.ctx.hidden or ("", key[1], key[2]) in self.ctx.hidden:
+            line, col = _source_line(self.node, table.name, None)
+            # Worded as for a relation that does not exist: the principal must not learn that it does.
+            message = f"relation `{table.db}.{table.name}` is unknown to principal `{self.ctx.principal}`"
+            self.findings.append(Finding.of("access", "VIOLATION", self.name, message, line=line, column=col))
+            return
         if not table.db or key[1] not in self.ctx.project_schemas:
             return  # a table outside the project's schemas is external, not a hallucination
         known = [k[2] for k in self.ctx.by_relation if k[1] == key[1]]
@@ -356,7 +435,7 @@ class _ModelAnalysis:
             Finding.of("existence.column", "VIOLATION", self.name, message, line=line, column=col)
         )
 
-    def _output_schema(self, qualified: exp.Expr) -> RelationSchema:
+    def _output_schema(self, qualified: exp.Expr, root_scope: Scope | None) -> RelationSchema:
         root = qualified
         while isinstance(root, exp.SetOperation):
             root = root.left
@@ -376,12 +455,190 @@ class _ModelAnalysis:
             )
         )
         yaml = _yaml_columns(self.node)
-        columns: dict[str, str | None] = {n: yaml.get(n) for n in names if n and n != "*"}
+        columns: dict[str, str | None] = {}
+        for select, name in zip(selects, names, strict=True):
+            if name and name != "*":
+                columns[name] = yaml.get(name) or self._projection_type(select, root_scope)
         if self.node.resource_type == "snapshot":
             columns.update(dict.fromkeys(_SNAPSHOT_COLUMNS))
         if not complete:
             columns = {**yaml, **columns}
-        return RelationSchema(columns, complete=complete, origin="inferred" if complete else "yaml")
+        personal = self._personal_outputs(root_scope) if root_scope is not None else frozenset()
+        declared = self._declared_columns()
+        personal = (personal | {c for c, (_, sens, _) in declared.items() if sens == "personal"}) - {
+            c for c, (_, _, pseudo) in declared.items() if pseudo
+        }
+        return RelationSchema(
+            columns, complete=complete, origin="inferred" if complete else "yaml", personal=personal
+        )
+
+    def _projection_type(self, select: exp.Expr, scope: Scope | None) -> str | None:
+        inner = select.this if isinstance(select, exp.Alias) else select
+        if isinstance(inner, exp.Cast):
+            return inner.to.sql(dialect=self.ctx.dialect).lower()
+        if (
+            isinstance(inner, exp.Column)
+            and scope is not None
+            and (origin := self._origin(scope, inner)) is not None
+        ):
+            return self._type_of(origin)
+        return None
+
+    # -- column origins, types and semantic types ---------------------------------------------------------
+
+    def _origin(self, scope: Scope, column: exp.Column, depth: int = 0) -> tuple[str, str] | None:
+        """The (relation, column) a column reads, through CTEs and subqueries that pass it on unchanged."""
+        if not column.table or depth > 32:
+            return None
+        source = self._source_of(scope, column.table)
+        name = column.name.lower()
+        if isinstance(source, exp.Table):
+            uid = self._uid(source)
+            return (uid, name) if uid is not None else None
+        if isinstance(source, Scope) and isinstance(source.expression, exp.Select):
+            for projection in source.expression.selects:
+                if projection.alias_or_name.lower() != name:
+                    continue
+                inner = projection.this if isinstance(projection, exp.Alias) else projection
+                return self._origin(source, inner, depth + 1) if isinstance(inner, exp.Column) else None
+        return None
+
+    def _uid(self, table: exp.Table) -> str | None:
+        return self.ctx.by_relation.get(_relation_key(table)) or self.ctx.by_relation.get(
+            ("", table.db.lower(), table.name.lower())
+        )
+
+    def _type_of(self, origin: tuple[str, str]) -> str | None:
+        schema = self.ctx.schemas.get(origin[0])
+        return schema.columns.get(origin[1]) if schema is not None else None
+
+    def _semantic_type_of(self, origin: tuple[str, str]) -> str | None:
+        entity = self.ctx.ldm.by_unique_id(origin[0]) if self.ctx.ldm else None
+        column = entity.columns.get(origin[1]) if entity is not None else None
+        return column.semantic_type if column is not None else None
+
+    def _check_types(self, scope: Scope) -> None:
+        for comparison in scope.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE):
+            self._check_operands(scope, comparison, "is compared with")
+        if self.ctx.ldm is not None:
+            for arithmetic in scope.find_all(exp.Add, exp.Sub):
+                self._check_operands(scope, arithmetic, "is combined with", physical=False)
+
+    def _check_operands(self, scope: Scope, node: exp.Expr, verb: str, *, physical: bool = True) -> None:
+        left, right = node.args.get("this"), node.args.get("expression")
+        if not (isinstance(left, exp.Column) and isinstance(right, exp.Column)):
+            return
+        lo, ro = self._origin(scope, left), self._origin(scope, right)
+        if lo is None or ro is None:
+            return
+        line, col = _source_line(self.node, left.name, None)
+        lt, rt = self._type_of(lo), self._type_of(ro)
+        lf, rf = _type_family(lt), _type_family(rt)
+        if physical and lf and rf and not _families_compatible(lf, rf):
+            message = (
+                f"`{left.sql()}` ({lt}) {verb} `{right.sql()}` ({rt}): there is no implicit cast between "
+                f"{lf} and {rf}; cast one side explicitly"
+            )
+            self.findings.append(Finding.of("types", "VIOLATION", self.name, message, line=line, column=col))
+            return
+        ls, rs = self._semantic_type_of(lo), self._semantic_type_of(ro)
+        config = self.ctx.ldm.config if self.ctx.ldm else None
+        if ls and rs and config is not None and not (config.is_subtype(ls, rs) or config.is_subtype(rs, ls)):
+            message = f"`{left.sql()}` ({ls}) {verb} `{right.sql()}` ({rs}): semantic types {ls} and {rs} do not unify"
+            self.findings.append(Finding.of("types", "VIOLATION", self.name, message, line=line, column=col))
+
+    # -- grain ------------------------------------------------------------------------------------------------
+
+    def _check_grain(self, qualified: exp.Expr) -> None:
+        ldm = self.ctx.ldm
+        entity = ldm.by_unique_id(self.node.unique_id) if ldm else None
+        if ldm is None or entity is None or entity.grain is None:
+            return
+        lookups = {lk.entity for lk in entity.lookups}
+        grains: dict[str, str] = {}
+        for table in qualified.find_all(exp.Table):
+            uid = self._uid(table) if table.db else None
+            upstream = ldm.by_unique_id(uid) if uid else None
+            if upstream is not None and upstream.grain is not None and upstream.name not in lookups:
+                grains[upstream.name] = upstream.grain
+        root = qualified
+        while isinstance(root, exp.SetOperation):
+            root = root.left
+        aggregated = entity.kind == "aggregate" or bool(
+            isinstance(root, exp.Select) and root.args.get("group")
+        )
+        if not aggregated:
+            mixed = {name: g for name, g in grains.items() if g != entity.grain}
+            if mixed:
+                listed = ", ".join(f"{name} ({g})" for name, g in sorted(mixed.items()))
+                message = (
+                    f"grain {entity.grain} reads {listed} without aggregating; aggregate to {entity.grain} first "
+                    "or declare the upstream a lookup"
+                )
+                self.findings.append(Finding.of("grain", "VIOLATION", self.name, message))
+            return
+        chain = ldm.config.grain_chain(entity.grain)
+        for name, grain in sorted(grains.items()):
+            if grain == entity.grain or (len(chain) > 1 and chain[1] == grain):
+                continue
+            if grain in chain:
+                skipped = ", ".join(chain[1 : chain.index(grain)])
+                message = f"aggregates {name} ({grain}) straight to {entity.grain}, skipping {skipped}"
+            else:
+                message = f"aggregates {name} ({grain}) to {entity.grain}, which does not coarsen {grain} in cdme.yml"
+            self.findings.append(Finding.of("grain", "VIOLATION", self.name, message))
+
+    # -- governance -------------------------------------------------------------------------------------------
+
+    def _declared_columns(self) -> dict[str, tuple[str | None, str | None, bool]]:
+        entity = self.ctx.ldm.by_unique_id(self.node.unique_id) if self.ctx.ldm else None
+        if entity is None:
+            return {}
+        return {n: (c.semantic_type, c.sensitivity, c.pseudonymized) for n, c in entity.columns.items()}
+
+    def _personal_outputs(self, scope: Scope) -> frozenset[str]:
+        """Output columns of `scope` that carry personal data not passed through a hash."""
+        key = id(scope)
+        if key in self._personal_memo:
+            return self._personal_memo[key]
+        self._personal_memo[key] = frozenset()  # a recursive reference resolves to "not personal"
+        expression = scope.expression
+        while isinstance(expression, exp.SetOperation):
+            expression = expression.left
+        personal = set()
+        for projection in getattr(expression, "selects", []):
+            for column in projection.find_all(exp.Column):
+                if not _under_hash(column, projection) and self._is_personal(scope, column):
+                    personal.add(projection.alias_or_name.lower())
+                    break
+        result = frozenset(personal)
+        self._personal_memo[key] = result
+        return result
+
+    def _is_personal(self, scope: Scope, column: exp.Column) -> bool:
+        if not column.table:
+            return False
+        source = self._source_of(scope, column.table)
+        if isinstance(source, exp.Table):
+            uid = self._uid(source)
+            schema = self.ctx.schemas.get(uid) if uid else None
+            return schema is not None and column.name.lower() in schema.personal
+        if isinstance(source, Scope):
+            return column.name.lower() in self._personal_outputs(source)
+        return False
+
+    def _check_governance(self, schema: RelationSchema) -> None:
+        if not schema.personal or not _is_mart(self.node):
+            return
+        for name in sorted(schema.personal):
+            line, col = _source_line(self.node, name, None)
+            message = (
+                f"column `{name}` carries personal data into a mart; pseudonymize it "
+                "(cdme_pseudonymize) or leave it out"
+            )
+            self.findings.append(
+                Finding.of("governance", "VIOLATION", self.name, message, line=line, column=col)
+            )
 
     # -- determinism and morphism ----------------------------------------------------------------------------
 
@@ -440,6 +697,104 @@ class _ModelAnalysis:
                 Finding.of("morphism.iso", "VIOLATION", self.name, message, line=line, column=col)
             )
 
+    def _check_folds(self, tree: exp.Expr) -> None:
+        governed, _, _ = self._declared()
+        for fold in tree.find_all(exp.GroupConcat, exp.ArrayAgg, exp.FirstValue, exp.LastValue, exp.NthValue):
+            if isinstance(fold, exp.GroupConcat | exp.ArrayAgg):
+                ordered = isinstance(fold.this, exp.Order) or fold.find_ancestor(exp.WithinGroup) is not None
+            else:
+                window = fold.find_ancestor(exp.Window)
+                ordered = window is not None and window.args.get("order") is not None
+            if ordered:
+                continue
+            fname = fold.sql(dialect="postgres").split("(")[0].strip().lower()
+            line, col = _source_line(self.node, fname, None)
+            message = (
+                f"`{fname}` without ORDER BY folds rows in whatever order the database reads them, so its result "
+                "is not reproducible; add ORDER BY"
+            )
+            finding = Finding.of("morphism.fold", "VIOLATION", self.name, message, line=line, column=col)
+            self.findings.append(finding if governed else finding.model_copy(update={"severity": "warning"}))
+
+    def _check_postgres(self, tree: exp.Expr) -> None:
+        if self.ctx.dialect != "postgres":
+            return
+        relation = self.node.alias or self.node.name
+        names = [("relation", relation)] + [
+            ("column", a.alias)
+            for a in tree.find_all(exp.Alias)
+            if a.find_ancestor(exp.CTE, exp.Subquery) is None
+        ]
+        for what, name in names:
+            size = len(name.encode())
+            if size > _PG_MAX_IDENTIFIER:
+                message = (
+                    f"{what} name `{name}` is {size} bytes; PostgreSQL truncates identifiers to "
+                    f"{_PG_MAX_IDENTIFIER}, so it would collide with any other name sharing that prefix"
+                )
+                self.findings.append(Finding.of("postgres", "VIOLATION", self.name, message))
+        reserved = reserved_keywords()
+        for alias in tree.find_all(exp.Alias):
+            identifier = alias.args.get("alias")
+            if (
+                isinstance(identifier, exp.Identifier)
+                and not identifier.quoted
+                and identifier.name.lower() in reserved
+            ):
+                line, col = _source_line(self.node, identifier.name, None)
+                message = (
+                    f"`{identifier.name}` is a reserved word in PostgreSQL; quote it or choose another name"
+                )
+                self.findings.append(
+                    Finding.of("postgres", "VIOLATION", self.name, message, line=line, column=col)
+                )
+
+    def _plan_step(self, tree: exp.Expr) -> PlanStep:
+        _, declared_kind, _ = self._declared()
+        # Every select counts, CTEs included: dbt models filter and fold inside their CTE chains. Counting a
+        # lookup's WHERE too over-approximates, which only costs the adjoint service an extra checkpoint.
+        reasons: list[str] = []
+        if any(op.args.get("distinct") for op in tree.find_all(exp.Union)):
+            reasons.append("UNION removes duplicates")
+        selects = list(tree.find_all(exp.Select))
+        clauses = (
+            ("where", "WHERE"),
+            ("group", "GROUP BY"),
+            ("having", "HAVING"),
+            ("distinct", "DISTINCT"),
+            ("limit", "LIMIT"),
+        )
+        for clause, reason in clauses:
+            if any(select.args.get(clause) for select in selects):
+                reasons.append(reason)
+        joins = [join for select in selects for join in select.args.get("joins") or []]
+        if any(
+            (j.side or "").upper() not in {"LEFT", "FULL"} and (j.kind or "").upper() != "CROSS"
+            for j in joins
+        ):
+            reasons.append("inner join")
+        if declared_kind is not None:
+            kind = declared_kind
+        elif "GROUP BY" in reasons:
+            kind = "aggregate"
+        elif "WHERE" in reasons or "HAVING" in reasons:
+            kind = "filter"
+        elif isinstance(tree, exp.SetOperation):
+            kind = "union"
+        elif joins:
+            kind = "enrich"
+        else:
+            kind = "iso"
+        lossy = bool(reasons) or kind in {"filter", "aggregate"}
+        return PlanStep(
+            model=self.name,
+            kind=kind,
+            declared=declared_kind is not None,
+            lossy=lossy,
+            reasons=reasons,
+            checkpoint_after=lossy,
+        )
+
 
 @dataclass(frozen=True)
 class _Analysed:
@@ -448,6 +803,7 @@ class _Analysed:
     findings: tuple[Finding, ...]
     stats: _Stats
     unknown_relations: bool
+    plan: PlanStep | None
 
 
 # Per-model results keyed by everything they depend on: the compiled SQL, the dialect, the model's declarations
@@ -458,13 +814,13 @@ _CACHE_SIZE = 20_000
 
 
 def _schema_fingerprint(schema: RelationSchema | None) -> object:
-    return None if schema is None else (tuple(schema.columns.items()), schema.complete)
+    return None if schema is None else (tuple(schema.columns.items()), schema.complete, schema.personal)
 
 
 def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) -> _Analysed:
     declared = None
     if ctx.ldm is not None and (entity := ctx.ldm.by_unique_id(node.unique_id)) is not None:
-        declared = (bool(node.cdme), entity.kind, entity.external)
+        declared = (bool(node.cdme), entity.model_dump_json())
     key = hash(
         (
             node.unique_id,
@@ -484,7 +840,12 @@ def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) 
     analysis = _ModelAnalysis(ctx, node)
     schema = analysis.run()
     result = _Analysed(
-        analysis.name, schema, tuple(analysis.findings), analysis.stats, analysis.unknown_relations
+        analysis.name,
+        schema,
+        tuple(analysis.findings),
+        analysis.stats,
+        analysis.unknown_relations,
+        analysis.plan,
     )
     _CACHE[key] = result
     if len(_CACHE) > _CACHE_SIZE:
@@ -535,59 +896,78 @@ def analyze_project(
     catalog: Catalog | None = None,
     ldm: Ldm | None = None,
     project_dir: Path | None = None,
+    principal: str | None = None,
+    roles: frozenset[str] | None = None,
 ) -> Report:
     """Validate every model of `manifest`; every finding is reported, not only the first.
 
     Args:
         manifest: A manifest with compiled SQL (`dbt compile` or `dbt build` wrote it).
         catalog: The catalog, when available: the warehouse's own columns, the most reliable schemas.
-        ldm: The project's LDM, for the rules that depend on declarations (determinism, morphism kinds).
+        ldm: The project's LDM, for the rules that depend on declarations (grain, governance, morphisms).
         project_dir: The project's directory, to read seed headers when there is no catalog.
+        principal: Who asks; with `roles`, entities their roles do not allow do not exist for the analysis.
+        roles: The principal's roles (None: no access control applied).
 
     Returns:
-        The findings and the coverage of the analysis.
+        The findings, the coverage of the analysis, and the execution plan.
     """
     ctx = _Context(
         manifest=manifest,
         dialect=sqlglot_dialect(manifest.metadata.adapter_type),
         ldm=ldm,
         project=manifest.metadata.project_name,
+        principal=principal,
+    )
+    hidden_ids = (
+        {e.unique_id for e in ldm if not e.visible_to(set(roles))}
+        if ldm is not None and roles is not None
+        else set()
     )
     for node in manifest.entities():
         if node.relation_name is None and isinstance(node, ManifestNode):
             continue
-        key = _norm(
-            node.database,
-            node.schema_,
-            node.identifier if isinstance(node, SourceDefinition) else (node.alias or node.name),
-        )
-        ctx.by_relation[key] = node.unique_id
-        ctx.by_relation.setdefault(("", key[1], key[2]), node.unique_id)
+        identifier = node.identifier if isinstance(node, SourceDefinition) else (node.alias or node.name)
+        key = _norm(node.database, node.schema_, identifier)
+        index = ctx.hidden if node.unique_id in hidden_ids else ctx.by_relation
+        index[key] = node.unique_id
+        index.setdefault(("", key[1], key[2]), node.unique_id)
         ctx.project_schemas.add(key[1])
     for source in manifest.sources.values():
         base = _base_schema(source, catalog, project_dir)
         if base is not None:
+            base.personal = _declared_personal(ldm, source.unique_id)
             ctx.schemas[source.unique_id] = base
 
-    relations_fingerprint = hash(frozenset(ctx.by_relation.items()))
+    ldm_fingerprint = hash(tuple((e.unique_id, e.grain, e.kind, tuple(e.lookups)) for e in ldm)) if ldm else 0
+    relations_fingerprint = hash(
+        (frozenset(ctx.by_relation.items()), frozenset(ctx.hidden.items()), principal, ldm_fingerprint)
+    )
     findings: list[Finding] = []
+    steps: list[PlanStep] = []
     models = 0
     unresolved: list[str] = []
     totals = _Stats()
     for uid in _topological(manifest):
         node = manifest.nodes[uid]
-        if not node.config.enabled:
+        if not node.config.enabled or uid in hidden_ids:
             continue
         base = _base_schema(node, catalog, project_dir)
         if node.resource_type == "seed":
-            ctx.schemas[uid] = base or RelationSchema(_yaml_columns(node), complete=False, origin="yaml")
+            seed = base or RelationSchema(_yaml_columns(node), complete=False, origin="yaml")
+            seed.personal = _declared_personal(ldm, uid)
+            ctx.schemas[uid] = seed
             continue
         analysis = _analysis_of(ctx, node, relations_fingerprint)
         inferred = analysis.schema
+        if base is not None:
+            base.personal = inferred.personal | _declared_personal(ldm, uid)
         ctx.schemas[uid] = base or inferred
         if node.resource_type != "model":
             continue
         models += 1
+        if analysis.plan is not None:
+            steps.append(analysis.plan)
         # The same function or column at the same place is one finding, however often the SQL repeats it.
         findings += list(dict.fromkeys(analysis.findings))
         totals.references += analysis.stats.references
@@ -606,4 +986,35 @@ def analyze_project(
         column_references_resolved=totals.resolved,
         unresolved_models=unresolved,
     )
-    return Report(findings=findings, coverage=coverage)
+    return Report(findings=findings, coverage=coverage, plan=_plan(manifest, steps, hidden_ids))
+
+
+def _declared_personal(ldm: Ldm | None, uid: str) -> frozenset[str]:
+    entity = ldm.by_unique_id(uid) if ldm else None
+    if entity is None:
+        return frozenset()
+    return frozenset(
+        n for n, c in entity.columns.items() if c.sensitivity == "personal" and not c.pseudonymized
+    )
+
+
+def _plan(manifest: Manifest, steps: list[PlanStep], hidden: set[str]) -> Plan:
+    visible_models = {n.unique_id for n in manifest.models() if n.unique_id not in hidden}
+    read_sources: set[str] = set()
+    has_children: set[str] = set()
+    readers = [
+        n
+        for n in manifest.nodes.values()
+        if n.resource_type in {"model", "snapshot"} and n.unique_id not in hidden
+    ]
+    for reader in readers:
+        for upstream in reader.depends_on.nodes:
+            has_children.add(upstream)
+            if upstream in manifest.sources and reader.resource_type == "model":
+                read_sources.add(upstream)
+    project = manifest.metadata.project_name
+    return Plan(
+        steps=steps,
+        inputs=sorted(entity_name(manifest.sources[s], project) for s in read_sources),
+        outputs=sorted(entity_name(manifest.nodes[m], project) for m in visible_models - has_children),
+    )

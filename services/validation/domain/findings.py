@@ -40,6 +40,48 @@ RULES: dict[str, Rule] = {
             "Every meta.cdme declaration and cdme.yml entry is valid (grains, kinds, keys, roles, REQ keys).",
         ),
         Rule(
+            "CDME-V021",
+            "morphism.fold",
+            "REQ-VAL-MORPH",
+            "error",
+            "A fold whose result depends on row order (string_agg, array_agg, first_value, ...) declares it.",
+        ),
+        Rule(
+            "CDME-V040",
+            "types",
+            "REQ-VAL-TYPES",
+            "error",
+            "Join and comparison operands have compatible types; semantic types do not mix.",
+        ),
+        Rule(
+            "CDME-V050",
+            "grain",
+            "REQ-VAL-GRAIN",
+            "error",
+            "No model mixes grains without aggregating; aggregations climb the grain hierarchy level by level.",
+        ),
+        Rule(
+            "CDME-V060",
+            "governance",
+            "REQ-VAL-PII",
+            "error",
+            "Columns classified as personal reach marts only pseudonymized.",
+        ),
+        Rule(
+            "CDME-V070",
+            "access",
+            "REQ-VAL-ACCESS",
+            "error",
+            "A principal reads only what its roles allow; anything else does not exist for it.",
+        ),
+        Rule(
+            "CDME-V080",
+            "postgres",
+            "REQ-VAL-PG",
+            "error",
+            "Identifiers fit PostgreSQL's 63 bytes and reserved words are quoted.",
+        ),
+        Rule(
             "CDME-V030",
             "lookups",
             "REQ-VAL-LOOKUP",
@@ -143,11 +185,35 @@ class Coverage(BaseModel):
         return self.column_references_resolved / self.column_references if self.column_references else 1.0
 
 
+class PlanStep(BaseModel):
+    """How one model handles records, for the adjoint service: lossless or lossy, and where to checkpoint."""
+
+    model: str
+    kind: str = Field(description="The declared morphism kind, or the one the SQL shows.")
+    declared: bool = Field(description="Whether `kind` was declared in meta.cdme rather than inferred.")
+    lossy: bool = Field(description="Whether some input records have no image in the output.")
+    reasons: list[str] = Field(default_factory=list, description="What in the SQL drops or folds records.")
+    checkpoint_after: bool = Field(
+        description="Whether the adjoint service takes a checkpoint envelope here."
+    )
+
+
+class Plan(BaseModel):
+    """The execution plan's lineage view: every model classified, plus the graph's inputs and outputs."""
+
+    steps: list[PlanStep] = Field(default_factory=list)
+    inputs: list[str] = Field(default_factory=list, description="Graph sources read: checkpointed on input.")
+    outputs: list[str] = Field(
+        default_factory=list, description="Models nothing reads: checkpointed on output."
+    )
+
+
 class Report(BaseModel):
-    """All findings of one validation, with coverage."""
+    """All findings of one validation, with coverage and the execution plan."""
 
     findings: list[Finding]
     coverage: Coverage
+    plan: Plan = Field(default_factory=Plan)
 
     @property
     def errors(self) -> list[Finding]:

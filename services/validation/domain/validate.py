@@ -18,6 +18,8 @@ def validate_project(
     catalog: Catalog | None = None,
     project_dir: Path | None = None,
     lineage_mode: LineageMode | None = None,
+    principal: str | None = None,
+    roles: frozenset[str] | None = None,
 ) -> Report:
     """Every finding about a project, declarations first.
 
@@ -28,6 +30,8 @@ def validate_project(
         catalog: The warehouse's catalog, when there is one.
         project_dir: The project's directory (seed headers).
         lineage_mode: `CDME_LINEAGE_MODE`, passed to the LDM.
+        principal: Who asks (named in access findings).
+        roles: The principal's roles; models they do not allow do not exist for this validation.
 
     Returns:
         The report; `report.errors` empty means the project may run.
@@ -49,5 +53,7 @@ def validate_project(
                         rule, "VIOLATION", problem.entity, f"meta.cdme.{problem.field}: {problem.message}"
                     )
                 )
-    analysis = analyze_project(manifest, catalog=catalog, ldm=ldm, project_dir=project_dir)
-    return Report(findings=findings + analysis.findings, coverage=analysis.coverage)
+    analysis = analyze_project(
+        manifest, catalog=catalog, ldm=ldm, project_dir=project_dir, principal=principal, roles=roles
+    )
+    return Report(findings=findings + analysis.findings, coverage=analysis.coverage, plan=analysis.plan)

@@ -35,12 +35,22 @@ order by 1
 
 
 def catalog_volatility(conn: Any) -> dict[str, Any]:
-    """Read the lists from a live PostgreSQL (`conn` is a psycopg connection)."""
+    """Read the lists from a live PostgreSQL (`conn` is a psycopg connection).
+
+    Reserved keywords (`pg_get_keywords()`, category R) ride along: they are the other catalog fact the
+    PostgreSQL rules need, and one file keeps one regeneration step.
+    """
     version = str(conn.execute("show server_version").fetchone()[0]).split()[0]
     return {
         "postgres_version": version,
         "volatile": [r[0] for r in conn.execute(_VOLATILE_SQL).fetchall()],
         "clock": [r[0] for r in conn.execute(_CLOCK_SQL).fetchall()],
+        "reserved_keywords": [
+            r[0]
+            for r in conn.execute(
+                "select word from pg_get_keywords() where catcode = 'R' order by 1"
+            ).fetchall()
+        ],
     }
 
 
@@ -50,6 +60,12 @@ def shipped_volatility() -> dict[str, Any]:
     text = resources.files("services.validation.domain").joinpath("pg_volatility.json").read_text()
     data: dict[str, Any] = json.loads(text)
     return data
+
+
+@lru_cache(maxsize=1)
+def reserved_keywords() -> frozenset[str]:
+    """PostgreSQL's reserved keywords: an unquoted identifier spelled like one is a syntax error."""
+    return frozenset(shipped_volatility()["reserved_keywords"])
 
 
 @lru_cache(maxsize=1)
