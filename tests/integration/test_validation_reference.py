@@ -26,7 +26,7 @@ VARS = '{"epoch_date": "2026-11-20"}'
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+def compiled_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("compiled")
     # Port 1 refuses connections: validation must not need a warehouse.
     invocation = run_dbt(
@@ -36,7 +36,12 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
         warehouse_url="postgresql://nobody@127.0.0.1:1/none",
     )
     assert invocation.succeeded, first_failure(invocation)
-    return load_manifest(target / "manifest.json")
+    return target
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_target: Path) -> Manifest:
+    return load_manifest(compiled_target / "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +375,29 @@ def test_the_plan_classifies_every_model_and_its_checkpoints(
     assert steps["err_trades_enrichment"].declared is False
     assert plan.inputs == ["raw_risk.risk_factors", "raw_trading.counterparties", "raw_trading.trades"]
     assert plan.outputs == ["err_trades_enrichment", "fct_daily_risk_sensitivities", "fct_monthly_positions"]
+
+
+def test_cli_validates_as_a_principal(cli: Callable[..., CliResult], compiled_target: Path) -> None:
+    args = [
+        "validate",
+        "--manifest",
+        str(compiled_target / "manifest.json"),
+        "--config",
+        str(PROJECT_DIR / "cdme.yml"),
+    ]
+    env = {"CDME_AUTH_TOKENS": "t1=ana:risk_analyst;t2=dee:data_engineer"}
+
+    denied = cli(*args, "--principal", "ana", env=env)
+    assert denied.returncode == 1, denied.stderr
+    findings = json.loads(denied.stdout)["findings"]
+    assert {(f["rule"], f["code"], f["model"]) for f in findings if f["verdict"] == "VIOLATION"} == {
+        ("access", "CDME-V070", "int_trades_enriched")
+    }
+
+    assert cli(*args, "--principal", "dee", env=env).returncode == 0
+    unknown = cli(*args, "--principal", "bob", env=env)
+    assert unknown.returncode == 2
+    assert (
+        unknown.stderr
+        == "cdme: error: unknown principal 'bob': it is not in CDME_AUTH_TOKENS or the tokens file\n"
+    )
