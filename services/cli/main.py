@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import psycopg
 import typer
 from sqlalchemy import text
 
@@ -22,6 +23,7 @@ from services.cli.bench import bench_app
 from services.core.artifacts import (
     Catalog,
     Manifest,
+    SourceDefinition,
     load_catalog,
     load_manifest,
     parse_catalog,
@@ -31,7 +33,7 @@ from services.core.artifacts import (
 from services.core.artifacts import base as artifact_base
 from services.core.auth import TokenAuthenticator, ensure_demo_token
 from services.core.dbt import first_failure, run_dbt
-from services.core.errors import CdmeError, DbtError, UsageError
+from services.core.errors import CdmeError, DbtError, UsageError, WarehouseError, first_line
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
 from services.core.logs import configure_logging
 from services.core.secrets import resolve_pepper
@@ -45,6 +47,7 @@ from services.core.warehouse import (
 )
 from services.datagen.trading import GenerateRequest, currency_codes, generate, parse_epoch
 from services.validation.domain import validate_project
+from services.validation.domain.cost import TableStats, warehouse_stats
 
 app = typer.Typer(
     name="cdme",
@@ -317,6 +320,24 @@ def artifacts_check(
         typer.echo(f"{path}: {kind} v{version}: {sizes}")
 
 
+def _warehouse_stats(settings: CdmeSettings, manifest: Manifest) -> dict[tuple[str, str], TableStats]:
+    # The one place validation connects: cost estimation reads the planner's statistics, nothing else.
+    relations = [
+        (
+            node.schema_.lower(),
+            (node.identifier if isinstance(node, SourceDefinition) else node.alias or node.name).lower(),
+        )
+        for node in manifest.entities()
+    ]
+    url = libpq_url(resolve_warehouse_url(settings))
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            return warehouse_stats(conn, relations)
+    except psycopg.Error as e:
+        msg = f"cost estimation needs the warehouse's statistics, which could not be read: {first_line(e)}"
+        raise WarehouseError(msg) from e
+
+
 def _principal_roles(settings: CdmeSettings, name: str) -> frozenset[str]:
     found = TokenAuthenticator.from_settings(settings).principal_named(name)
     if found is None:
@@ -346,6 +367,10 @@ def validate_command(
         str | None,
         typer.Option("--principal", help="Validate as this principal: models its roles deny do not exist."),
     ] = None,
+    estimate_cost: Annotated[
+        bool,
+        typer.Option("--estimate-cost", help="Estimate each model's size from the warehouse's statistics."),
+    ] = False,
     output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
 ) -> None:
     """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
@@ -378,6 +403,7 @@ def validate_command(
             lineage_mode=settings.lineage_mode,
             principal=principal,
             roles=roles,
+            stats=_warehouse_stats(settings, parsed) if estimate_cost else None,
         )
     except UsageError:
         raise
@@ -401,6 +427,12 @@ def validate_command(
             where = f"{f.model}:{f.line}" if f.line else f.model
             typer.echo(f"{f.verdict:<12} {f.severity:<7} {f.code} {where}: {f.message}")
         c = report.coverage
+        for cost in report.costs:
+            typer.echo(
+                f"COST         {cost.model}: ~{cost.rows if cost.rows is not None else '?'} rows, "
+                f"widest step ~{cost.intermediate_rows if cost.intermediate_rows is not None else '?'}, "
+                f"{cost.join_depth if cost.join_depth is not None else '?'} joins"
+            )
         typer.echo(
             f"{len(report.errors)} errors, {len(report.warnings)} warnings; {c.models_fully_resolved}/{c.models} models "
             f"and {c.column_references_resolved}/{c.column_references} column references fully resolved"

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from services.core.artifacts import Manifest, load_manifest
+from services.core.artifacts import Manifest, SourceDefinition, load_manifest
 from services.core.dbt import first_failure, run_dbt
 from services.core.ldm import ProjectConfig, load_project_config
 from services.core.warehouse import libpq_url
@@ -401,3 +401,91 @@ def test_cli_validates_as_a_principal(cli: Callable[..., CliResult], compiled_ta
         unknown.stderr
         == "cdme: error: unknown principal 'bob': it is not in CDME_AUTH_TOKENS or the tokens file\n"
     )
+
+
+# -- cost: estimates from the warehouse's planner statistics, against budgets ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analysed_warehouse(new_database: Callable[[], str]) -> str:
+    from datetime import date
+
+    from services.datagen.trading import GenerateRequest, currency_codes, generate
+
+    url = new_database()
+    currencies = currency_codes(PROJECT_DIR / "seeds" / "currencies.csv")
+    generate(url, GenerateRequest(trades=4000, epoch=date(2026, 11, 20), counterparties=300), currencies)
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("analyze")
+    return url
+
+
+def _stats(url: str, manifest: Manifest) -> dict[tuple[str, str], Any]:
+    from services.validation.domain.cost import warehouse_stats
+
+    relations = [
+        (n.schema_, n.identifier if isinstance(n, SourceDefinition) else (n.alias or n.name))
+        for n in manifest.entities()
+    ]
+    with psycopg.connect(libpq_url(url)) as conn:
+        return warehouse_stats(conn, relations)
+
+
+def test_costs_are_estimated_from_planner_statistics(
+    analysed_warehouse: str, compiled: Manifest, config: ProjectConfig
+) -> None:
+    stats = _stats(analysed_warehouse, compiled)
+    assert stats[("raw_trading", "trades")].rows == 4000
+    report = validate_project(compiled, config=config, project_dir=PROJECT_DIR, stats=stats)
+    costs = {c.model: c for c in report.costs}
+    assert len(costs) == 10 and report.errors == []
+    assert costs["stg_trades"].rows == 4000, "one epoch loaded: the epoch predicate keeps every row"
+    assert costs["int_trade_risk_sensitivities"].join_depth == 1
+    assert costs["int_trades_enriched"].join_depth == 2
+    # The explode multiplies by the risk factors per currency (4 or 5), and the daily fold keeps at most
+    # books x currencies groups of the one business date.
+    explode, enriched = costs["int_trade_risk_sensitivities"].rows, costs["int_trades_enriched"].rows
+    assert explode is not None and enriched is not None and explode > enriched
+    assert (costs["fct_daily_positions"].rows or 0) <= 8 * 22
+
+
+def test_a_budget_exceeded_is_a_cost_error_stating_estimate_and_budget(
+    analysed_warehouse: str, compiled: Manifest, config: ProjectConfig
+) -> None:
+    from services.core.ldm.config import Budget
+
+    stats = _stats(analysed_warehouse, compiled)
+    report = validate_project(
+        compiled, config=config, stats=stats, budget=Budget(max_output_rows=3000, max_join_depth=1)
+    )
+    caught = {(f.model, f.message) for f in report.errors if f.rule == "cost"}
+    assert ("stg_trades", "estimated output rows 4,000 exceed the budget of 3,000 (x1.3)") in caught
+    assert ("int_trades_enriched", "estimated join depth 2 exceed the budget of 1 (x2.0)") in caught
+    assert all(f.code == "CDME-V090" for f in report.errors if f.rule == "cost")
+
+
+def test_cli_estimates_cost_only_when_asked(
+    analysed_warehouse: str, cli: Callable[..., CliResult], compiled_target: Path
+) -> None:
+    args = [
+        "validate",
+        "--manifest",
+        str(compiled_target / "manifest.json"),
+        "--config",
+        str(PROJECT_DIR / "cdme.yml"),
+    ]
+    without = json.loads(
+        cli(*args, env={"CDME_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/none"}).stdout
+    )
+    assert without["costs"] == []
+
+    result = cli(*args, "--estimate-cost", env={"CDME_WAREHOUSE_URL": analysed_warehouse})
+    assert result.returncode == 0, result.stderr
+    assert {c["model"] for c in json.loads(result.stdout)["costs"]} >= {"stg_trades", "fct_monthly_positions"}
+
+    dead = cli(*args, "--estimate-cost", env={"CDME_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert dead.returncode == 2
+    assert dead.stderr.startswith(
+        "cdme: error: cost estimation needs the warehouse's statistics, which could not be read:"
+    )
+    assert dead.stderr.count("\n") == 1

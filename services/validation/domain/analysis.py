@@ -136,7 +136,8 @@ def _relation_key(table: exp.Table) -> tuple[str, str, str]:
     return _norm(table.catalog, table.db, table.name)
 
 
-def _topological(manifest: Manifest) -> list[str]:
+def topological_order(manifest: Manifest) -> list[str]:
+    """Models, snapshots and seeds, each after everything it depends on."""
     graph = {
         uid: [d for d in node.depends_on.nodes if d in manifest.nodes]
         for uid, node in manifest.nodes.items()
@@ -948,7 +949,7 @@ def analyze_project(
     models = 0
     unresolved: list[str] = []
     totals = _Stats()
-    for uid in _topological(manifest):
+    for uid in topological_order(manifest):
         node = manifest.nodes[uid]
         if not node.config.enabled or uid in hidden_ids:
             continue

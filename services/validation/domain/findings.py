@@ -82,6 +82,13 @@ RULES: dict[str, Rule] = {
             "Identifiers fit PostgreSQL's 63 bytes and reserved words are quoted.",
         ),
         Rule(
+            "CDME-V090",
+            "cost",
+            "REQ-VAL-COST",
+            "error",
+            "Each model's estimated output, intermediate size and join depth stay within its budget.",
+        ),
+        Rule(
             "CDME-V030",
             "lookups",
             "REQ-VAL-LOOKUP",
@@ -208,12 +215,26 @@ class Plan(BaseModel):
     )
 
 
+class CostEstimate(BaseModel):
+    """What a model is estimated to produce, from the warehouse's planner statistics."""
+
+    model: str
+    rows: int | None = Field(description="Estimated output rows (None: an input has no statistics).")
+    intermediate_rows: int | None = Field(description="Largest row count of any step inside the model.")
+    join_depth: int | None = Field(
+        description="Joins in the model's query, CTEs included (from the SQL alone)."
+    )
+
+
 class Report(BaseModel):
     """All findings of one validation, with coverage and the execution plan."""
 
     findings: list[Finding]
     coverage: Coverage
     plan: Plan = Field(default_factory=Plan)
+    costs: list[CostEstimate] = Field(
+        default_factory=list, description="Filled when cost estimation was asked for."
+    )
 
     @property
     def errors(self) -> list[Finding]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from services.core.artifacts import Catalog, Manifest
 from services.core.ldm import Ldm, LdmDeclarationError, ProjectConfig, load_ldm
-from services.core.ldm.config import LineageMode
+from services.core.ldm.config import Budget, LineageMode
 from services.validation.domain.analysis import analyze_project
+from services.validation.domain.cost import TableStats, estimate_costs
 from services.validation.domain.findings import Finding, Report
 
 
@@ -20,6 +22,8 @@ def validate_project(
     lineage_mode: LineageMode | None = None,
     principal: str | None = None,
     roles: frozenset[str] | None = None,
+    stats: Mapping[tuple[str, str], TableStats] | None = None,
+    budget: Budget | None = None,
 ) -> Report:
     """Every finding about a project, declarations first.
 
@@ -32,6 +36,8 @@ def validate_project(
         lineage_mode: `CDME_LINEAGE_MODE`, passed to the LDM.
         principal: Who asks (named in access findings).
         roles: The principal's roles; models they do not allow do not exist for this validation.
+        stats: The warehouse's planner statistics (`warehouse_stats`): given, cost is estimated and budgeted.
+        budget: A budget from the request, over the ones `cdme.yml` declares.
 
     Returns:
         The report; `report.errors` empty means the project may run.
@@ -56,4 +62,8 @@ def validate_project(
     analysis = analyze_project(
         manifest, catalog=catalog, ldm=ldm, project_dir=project_dir, principal=principal, roles=roles
     )
-    return Report(findings=findings + analysis.findings, coverage=analysis.coverage, plan=analysis.plan)
+    report = Report(findings=findings + analysis.findings, coverage=analysis.coverage, plan=analysis.plan)
+    if stats is not None:
+        costs, over_budget = estimate_costs(manifest, stats, config, budget)
+        report = report.model_copy(update={"costs": costs, "findings": report.findings + over_budget})
+    return report
