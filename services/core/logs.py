@@ -22,7 +22,12 @@ _context: ContextVar[dict[str, str]] = ContextVar("cdme_log_context", default={}
 _service = "cdme"
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn adds `color_message`, the same message with terminal colour codes: noise in a JSON line.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def current_context() -> dict[str, str]:

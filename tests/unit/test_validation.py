@@ -305,3 +305,16 @@ def test_a_numeric_to_text_comparison_is_caught_wherever_types_are_documented(
             exercised += 1
     # dbt-synthea documents its columns' types; the other corpora document none and have no catalog.
     assert exercised >= 5
+
+
+def test_an_unqualified_misspelled_column_in_the_select_list_is_caught() -> None:
+    manifest = _project(
+        ("customers", "select 1 as customer_id, 'x' as customer_name"),
+        ("m", 'select customer_nme from "db"."s"."customers"'),
+        ("n", 'select customer_name as label from "db"."s"."customers" order by label'),
+    )
+    [finding] = validate_project(manifest).errors
+    assert (finding.model, finding.message) == (
+        "m",
+        "column `customer_nme` does not exist in `customers`; did you mean `customer_name`?",
+    )

@@ -403,8 +403,15 @@ class _ModelAnalysis:
         return "UNVERIFIABLE"
 
     def _resolve_unqualified(self, scope: Scope, column: exp.Column, name: str, selects: set[str]) -> str:
-        if name in selects or name in _BARE_KEYWORDS or name in {a.lower() for a in scope.sources}:
+        if name in _BARE_KEYWORDS or name in {a.lower() for a in scope.sources}:
             return "OK"
+        if name in selects:
+            # An output name may be referenced where PostgreSQL allows it (ORDER BY, GROUP BY, HAVING); inside
+            # the select list it would be the column naming itself. Dialects with lateral aliases stay unproven.
+            if column.find_ancestor(exp.Order, exp.Group, exp.Having) is not None:
+                return "OK"
+            if self.ctx.dialect != "postgres":
+                return "UNVERIFIABLE"
         candidates: list[str] = []
         labels: list[str] = []
         for alias, source in scope.sources.items():

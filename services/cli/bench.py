@@ -1,0 +1,88 @@
+"""`cdme bench`: timed runs that print their figures and write them to `benchmarks/results/`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from services.core.errors import UsageError
+from services.validation.domain.bench import RESULTS_PATH, run_validation_benchmark
+
+bench_app = typer.Typer(
+    help="Benchmarks: timed runs that print figures and write them to benchmarks/results/.",
+    no_args_is_help=True,
+)
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.3f} s"
+
+
+def format_validation_benchmark(result: dict[str, Any]) -> list[str]:
+    """The lines `cdme bench validate` prints for a result of `run_validation_benchmark`.
+
+    Args:
+        result: The benchmark's result.
+
+    Returns:
+        One line per case, then the totals, one line per goal, and the machine.
+    """
+    lines = []
+    for case in result["cases"]:
+        detail = f"{case['models']:,} models"
+        if "models_reanalysed" in case:
+            detail += f", {case['models_reanalysed']} re-analysed"
+        lines.append(f"{case['name']} ({detail}): {case['median_seconds']:.3f} s")
+    totals = result["totals"]
+    lines.append(
+        f"real projects: {totals['real_models']:,} models in {totals['real_seconds']:.3f} s; "
+        f"{totals['errors']} errors in all cases"
+    )
+    for goal in result["goals"]:
+        scaled = (
+            ""
+            if goal["case"] == "one change"
+            else f" ({goal['models']:,} models: <= {_seconds(goal['target_seconds'])})"
+        )
+        verdict = "met" if goal["met"] else "missed"
+        lines.append(
+            f"goal: {goal['goal']}{scaled}; measured {_seconds(goal['measured_seconds'])}, "
+            f"{goal['ratio']:.2f}x the goal: {verdict}"
+        )
+    machine = result["machine"]
+    lines.append(
+        f"median of {result['repeat']} runs on {machine['cpus']} CPUs, {machine['platform']}, "
+        f"Python {machine['python']}, {result['measured_at']}"
+    )
+    return lines
+
+
+@bench_app.command("validate")
+def bench_validate(
+    repeat: Annotated[
+        int, typer.Option("--repeat", min=1, help="Runs per case; the median is reported.")
+    ] = 3,
+    output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Time validation of the real projects, a 2,000-model synthetic project and one changed model.
+
+    Exits 1 when validation reports an error on any of them: they are all valid, so an error is a false one.
+    """
+    if output not in {"json", "text"}:
+        msg = f"--format must be text or json, got {output!r}"
+        raise UsageError(msg)
+    result = run_validation_benchmark(repeat)
+    if output == "json":
+        typer.echo(json.dumps(result))
+    else:
+        for line in format_validation_benchmark(result):
+            typer.echo(line)
+        typer.echo(f"written to {RESULTS_PATH}")
+    if result["totals"]["errors"]:
+        typer.echo(
+            f"cdme: error: validation reported {result['totals']['errors']} errors on projects that have none",
+            err=True,
+        )
+        raise typer.Exit(1)

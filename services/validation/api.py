@@ -1,0 +1,322 @@
+"""The validation service's routes: validate a manifest, fetch a stored report, check a proposed model.
+
+Routes parse the request, call the domain off the event loop and map its report; errors are `CdmeError`s that
+`app.py` turns into problem documents. The service validates what the request carries (a compiled manifest,
+optionally the catalog and `cdme.yml`); it never runs dbt and never reads a project directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine
+
+from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
+from services.core.auth import Principal, TokenAuthenticator
+from services.core.ldm import ProjectConfig, parse_project_config
+from services.core.settings import CdmeSettings
+from services.core.warehouse import check_connection
+from services.validation.domain import Finding, Report, validate_project
+from services.validation.domain.proposal import (
+    MODEL_NAME,
+    ModelProperties,
+    ModelProposal,
+    validate_proposed_model,
+)
+from services.validation.store import NewReport, ReportStatus, ReportStore
+
+# The domain keeps a per-model cache in a plain dict shared by every thread. Validation is CPU-bound Python, so
+# under the GIL running one at a time costs no throughput and keeps that cache consistent.
+_DOMAIN_LOCK = threading.Lock()
+
+
+# -- schemas ----------------------------------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (`application/problem+json`): every error this service returns."""
+
+    type: str = Field(description="A URI naming the kind of problem (`about:blank` for plain HTTP errors).")
+    title: str = Field(description="The kind of problem, the same for every occurrence.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="What went wrong in this request, and what to fix.")
+    instance: str = Field(description="The request path that failed.")
+    request_id: str | None = Field(
+        default=None, description="The `X-Request-ID` to find the request in the logs."
+    )
+    errors: list[dict[str, str]] | None = Field(
+        default=None, description="Every invalid field of a request that failed validation."
+    )
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No bearer token, or an unknown one."},
+    413: {"model": Problem, "description": "The request body is larger than the service accepts."},
+    422: {"model": Problem, "description": "The request or an artifact in it is malformed."},
+}
+
+
+class ValidateRequest(BaseModel):
+    """A compiled manifest to validate, with the warehouse's catalog and the project's `cdme.yml` if there are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: dict[str, Any] = Field(description="`manifest.json` (schema v7-v12) written by `dbt compile`.")
+    catalog: dict[str, Any] | None = Field(
+        default=None,
+        description="`catalog.json` (v1): the warehouse's own columns, the most reliable schemas.",
+    )
+    config: dict[str, Any] | None = Field(
+        default=None, description="`cdme.yml` as JSON; without it only the SQL is checked, not declarations."
+    )
+
+
+class MappingRequest(ValidateRequest):
+    """A model proposed for the project (e.g. by an AI assistant), checked against the project's manifest."""
+
+    name: str = Field(pattern=MODEL_NAME.pattern, description="The model's name, as `ref()` would call it.")
+    sql: str = Field(min_length=1, description="The model's compiled SQL (no Jinja).")
+    yaml: ModelProperties | None = Field(
+        default=None,
+        description="The model's dbt YAML properties as JSON: description, columns, config.meta.",
+    )
+
+
+class Summary(BaseModel):
+    """How many findings of each kind a report holds."""
+
+    errors: int = Field(description="Violations that reject the run.")
+    warnings: int = Field(description="Violations that do not reject the run.")
+    unverifiable: int = Field(description="Checks that could not be made (a schema was unknown or partial).")
+
+
+class CoverageSummary(BaseModel):
+    """How much of the project validation could check for real (the domain's `Coverage`, with its shares)."""
+
+    models: int = Field(description="Models validated.")
+    models_fully_resolved: int = Field(description="Models whose every relation and column could be checked.")
+    column_references: int = Field(description="Column references in the models' SQL.")
+    column_references_resolved: int = Field(description="Column references checked against a known schema.")
+    unresolved_models: list[str] = Field(
+        default_factory=list,
+        description="Models with at least one column or relation that could not be checked.",
+    )
+    model_share: float = Field(description="Share of models whose every column reference was resolved.")
+    column_share: float = Field(description="Share of column references resolved against a known schema.")
+
+
+class Outcome(BaseModel):
+    """The verdict of a validation and everything behind it."""
+
+    status: ReportStatus = Field(description="`passed` without error findings, else `rejected`.")
+    summary: Summary
+    findings: list[Finding]
+    coverage: CoverageSummary
+
+
+class ValidationResult(Outcome):
+    """A stored validation report."""
+
+    id: uuid.UUID = Field(description="Fetch the report again at `/reports/{id}`.")
+
+
+class MappingResult(Outcome):
+    """The verdict on a proposed model: only findings about it, and the coverage of that one model."""
+
+    model: str = Field(description="The dbt unique id the proposal was validated under.")
+
+
+def _outcome(report: Report) -> Outcome:
+    coverage = report.coverage
+    return Outcome(
+        status="rejected" if report.errors else "passed",
+        summary=Summary(
+            errors=len(report.errors),
+            warnings=len(report.warnings),
+            unverifiable=sum(1 for f in report.findings if f.verdict == "UNVERIFIABLE"),
+        ),
+        findings=report.findings,
+        coverage=CoverageSummary(
+            **coverage.model_dump(), model_share=coverage.model_share, column_share=coverage.column_share
+        ),
+    )
+
+
+# -- dependencies -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What the app's lifespan opens for the routes: settings, authentication, the database and the store."""
+
+    settings: CdmeSettings
+    authenticator: TokenAuthenticator
+    engine: Engine
+    store: ReportStore
+
+
+def get_context(request: Request) -> ServiceContext:
+    """The lifespan's `ServiceContext` (the lifespan state holds it under `cdme`)."""
+    return cast(ServiceContext, request.state.cdme)
+
+
+ContextDep = Annotated[ServiceContext, Depends(get_context)]
+
+# Declared for /docs (its "Authorize" button); the authenticator reads the header itself.
+_bearer = HTTPBearer(auto_error=False, description="A token from CDME_AUTH_TOKENS or the tokens file.")
+
+
+async def authenticated(
+    request: Request,
+    context: ContextDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The principal of the request's bearer token.
+
+    Raises:
+        AuthenticationError: No bearer token, or an unknown one.
+    """
+    return context.authenticator.authenticate(request.headers.get("authorization"))
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticated)]
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+
+router = APIRouter(tags=["validation"], responses=_PROBLEMS)
+
+
+def _parse(body: ValidateRequest) -> tuple[Manifest, ProjectConfig | None, Catalog | None]:
+    manifest = parse_manifest(body.manifest, "body.manifest")
+    config = parse_project_config(body.config, "body.config") if body.config is not None else None
+    catalog = parse_catalog(body.catalog, "body.catalog") if body.catalog is not None else None
+    return manifest, config, catalog
+
+
+def _checksum(document: dict[str, Any]) -> str:
+    # Canonical JSON: the same manifest gets the same checksum however its keys were ordered or spaced.
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def _validate_and_store(
+    body: ValidateRequest, principal: Principal, context: ServiceContext
+) -> ValidationResult:
+    manifest, config, catalog = _parse(body)
+    with _DOMAIN_LOCK:
+        report = validate_project(
+            manifest,
+            config=config,
+            catalog=catalog,
+            lineage_mode=context.settings.lineage_mode,
+            principal=principal.name,
+            roles=principal.roles,
+        )
+    outcome = _outcome(report)
+    report_id = context.store.save(
+        NewReport(
+            principal=principal.name,
+            project=manifest.metadata.project_name,
+            manifest_checksum=_checksum(body.manifest),
+            status=outcome.status,
+            errors=outcome.summary.errors,
+            warnings=outcome.summary.warnings,
+            report=outcome.model_dump(mode="json", exclude={"status"}),
+        )
+    )
+    return ValidationResult(id=report_id, **outcome.model_dump())
+
+
+@router.post("/validate", status_code=201)
+async def validate(
+    body: ValidateRequest, principal: PrincipalDep, context: ContextDep, request: Request, response: Response
+) -> ValidationResult:
+    """Validate a compiled dbt manifest before dbt runs, and store the report.
+
+    The body carries the artifacts themselves: `manifest` (a compiled `manifest.json`), optionally `catalog`
+    and `config` (`cdme.yml` as JSON). Validating a project directory is not supported: compile it first
+    (`dbt compile`) and send the manifest. The answer is `passed` when no finding is an error, `rejected`
+    otherwise; every finding names its rule, the model and, where known, the line. The project is validated as
+    the caller: with `config`, models whose `meta.cdme.access` the token's roles do not hold do not exist for
+    it. The report is kept and can be fetched again at `/reports/{id}` (the `Location` header).
+    """
+    result = await run_in_threadpool(_validate_and_store, body, principal, context)
+    response.headers["Location"] = request.url_for("get_report", report_id=str(result.id)).path
+    return result
+
+
+@router.get("/reports/{report_id}", responses={404: {"model": Problem, "description": "No such report."}})
+async def get_report(report_id: uuid.UUID, _principal: PrincipalDep, context: ContextDep) -> ValidationResult:
+    """A report stored by an earlier `POST /validate`."""
+    stored = await run_in_threadpool(context.store.get, report_id)
+    if stored is None:
+        raise HTTPException(status_code=404, detail=f"no validation report has id {report_id}")
+    return ValidationResult(id=stored.id, status=stored.status, **stored.report)
+
+
+def _validate_proposal(body: MappingRequest, principal: Principal, context: ServiceContext) -> MappingResult:
+    manifest, config, catalog = _parse(body)
+    proposal = ModelProposal(name=body.name, sql=body.sql, properties=body.yaml or ModelProperties())
+    with _DOMAIN_LOCK:
+        checked = validate_proposed_model(
+            manifest,
+            proposal,
+            config=config,
+            catalog=catalog,
+            lineage_mode=context.settings.lineage_mode,
+            principal=principal.name,
+            roles=principal.roles,
+        )
+    return MappingResult(model=checked.unique_id, **_outcome(checked.report).model_dump())
+
+
+@router.post("/validate/mapping")
+async def validate_mapping(
+    body: MappingRequest, principal: PrincipalDep, context: ContextDep
+) -> MappingResult:
+    """Check a proposed model as if it were already part of the project; nothing is stored.
+
+    The model (`name`, its compiled `sql`, and optionally its dbt YAML properties in `yaml`) is added to a copy
+    of the manifest the way dbt would place it: in the project's package and most used schema, depending on
+    every relation of the project its SQL reads. The whole project is then validated and only the findings
+    about the proposed model are returned, with the coverage of that one model. A model of the same name is
+    replaced, so a change to an existing model is checked in place. As for `/validate`, relations the caller's
+    roles do not allow do not exist for the proposal.
+    """
+    return await run_in_threadpool(_validate_proposal, body, principal, context)
+
+
+# -- operations -------------------------------------------------------------------------------------------------
+
+operations = APIRouter(tags=["operations"])
+
+
+@operations.get("/livez")
+async def livez() -> dict[str, str]:
+    """Liveness: the process serves requests. Checks nothing external, so a database outage restarts nothing."""
+    return {"status": "alive"}
+
+
+@operations.get("/readyz", responses={503: {"model": Problem, "description": "The database is unreachable."}})
+async def readyz(context: ContextDep) -> dict[str, str]:
+    """Readiness: the service's database answers `select 1`."""
+    await run_in_threadpool(check_connection, context.engine)
+    return {"status": "ready"}
+
+
+@operations.get("/metrics", response_class=Response, responses={401: _PROBLEMS[401]})
+async def metrics(request: Request, _principal: PrincipalDep) -> Response:
+    """Prometheus metrics: requests by route, method and status, and their latency."""
+    registry = cast(CollectorRegistry, request.app.state.metrics_registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
