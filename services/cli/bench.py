@@ -52,9 +52,11 @@ def format_validation_benchmark(result: dict[str, Any]) -> list[str]:
             f"{goal['ratio']:.2f}x the goal: {verdict}"
         )
     machine = result["machine"]
+    load = machine.get("load_average_before")
     lines.append(
         f"median of {result['repeat']} runs on {machine['cpus']} CPUs, {machine['platform']}, "
         f"Python {machine['python']}, {result['measured_at']}"
+        + (f", load average {load} before" if load is not None else "")
     )
     return lines
 

@@ -150,7 +150,7 @@ FAKE_RESULT: dict[str, Any] = {
             "met": False,
         },
     ],
-    "machine": {"cpus": 2, "platform": "Linux", "python": "3.11.7"},
+    "machine": {"cpus": 2, "platform": "Linux", "python": "3.11.7", "load_average_before": 0.25},
     "measured_at": "2026-11-22T03:00:00+00:00",
 }
 
@@ -166,6 +166,7 @@ def test_text_output_names_each_case_and_goal() -> None:
     )
     assert lines[5] == "goal: one changed model in <= 100 ms; measured 250 ms, 2.50x the goal: missed"
     assert lines[6].startswith("median of 3 runs on 2 CPUs")
+    assert lines[6].endswith(", load average 0.25 before")
 
 
 @pytest.mark.parametrize(("output", "errors", "code"), [("json", 0, 0), ("text", 0, 0), ("json", 2, 1)])

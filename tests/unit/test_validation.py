@@ -318,3 +318,18 @@ def test_an_unqualified_misspelled_column_in_the_select_list_is_caught() -> None
         "m",
         "column `customer_nme` does not exist in `customers`; did you mean `customer_name`?",
     )
+
+
+def test_a_governed_sources_documented_columns_are_complete() -> None:
+    manifest = _project(
+        ("m", 'select t.id, t.undocumented from "db"."raw"."trades" as t'), sources={"trades": ["id"]}
+    )
+    source = manifest.sources["source.p.raw.trades"]
+    governed = manifest.model_copy(
+        update={
+            "sources": {source.unique_id: source.model_copy(update={"meta": {"cdme": {"grain": "Atomic"}}})}
+        }
+    )
+    [finding] = validate_project(governed).errors
+    assert finding.message == "column `undocumented` does not exist in `raw.trades`"
+    assert validate_project(manifest).errors == [], "ungoverned: YAML may list a subset"

@@ -129,7 +129,10 @@ def _base_schema(
         if node.contract.get("enforced") and yaml:
             return RelationSchema(yaml, complete=True, origin="contract")
         return None
-    return RelationSchema(yaml, complete=False, origin="yaml" if yaml else "unknown")
+    # A source that opted into CDME (it carries meta.cdme) documents its columns completely; others may list a
+    # subset, which proves a column present but never absent.
+    governed = bool(yaml) and bool(node.cdme)
+    return RelationSchema(yaml, complete=governed, origin="yaml" if yaml else "unknown")
 
 
 def _relation_key(table: exp.Table) -> tuple[str, str, str]:
@@ -948,8 +951,18 @@ def analyze_project(
             ctx.schemas[source.unique_id] = base
 
     ldm_fingerprint = hash(tuple((e.unique_id, e.grain, e.kind, tuple(e.lookups)) for e in ldm)) if ldm else 0
+    # Source schemas are part of every model's inputs whether or not a manifest lists them in depends_on.
+    sources_fingerprint = hash(
+        tuple(sorted((uid, _schema_fingerprint(ctx.schemas.get(uid))) for uid in manifest.sources))
+    )
     relations_fingerprint = hash(
-        (frozenset(ctx.by_relation.items()), frozenset(ctx.hidden.items()), principal, ldm_fingerprint)
+        (
+            frozenset(ctx.by_relation.items()),
+            frozenset(ctx.hidden.items()),
+            principal,
+            ldm_fingerprint,
+            sources_fingerprint,
+        )
     )
     findings: list[Finding] = []
     steps: list[PlanStep] = []

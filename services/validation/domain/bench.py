@@ -143,7 +143,8 @@ def run_validation_benchmark(
 
     Returns:
         `cases` (name, kind, models, median and individual seconds, errors, column share), `totals`, `goals`
-        (target, measured, their ratio and whether it is met), `machine` and `measured_at`.
+        (target, measured, their ratio and whether it is met), `machine` (with the 1-minute load average
+        before the run) and `measured_at`.
 
     Raises:
         ValueError: `repeat` is less than 1.
@@ -151,6 +152,8 @@ def run_validation_benchmark(
     if repeat < 1:
         msg = f"repeat must be at least 1, got {repeat}"
         raise ValueError(msg)
+    # Figures taken while something else keeps the CPUs busy are slower; the load says whether they were.
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     cases = [
         _cold_case(path.name.split("-v12")[0], "real", load_manifest(path), repeat)
         for path in sorted(research_data.glob("*.json.gz"))
@@ -175,6 +178,7 @@ def run_validation_benchmark(
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_before": load,
         },
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
