@@ -83,6 +83,7 @@ class _Context:
     schemas: dict[str, RelationSchema] = field(default_factory=dict)
     principal: str | None = None
     hidden: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    any_personal: bool = False
 
 
 def _norm(*parts: str | None) -> tuple[str, str, str]:
@@ -192,6 +193,19 @@ _HASH_FUNCTIONS = tuple(
 _HASH_NAMES = frozenset({"sha224", "sha256", "sha384", "sha512", "digest", "hmac", "crypt"})
 
 
+# sqlglot normalises functions into classes (`now()` is CurrentTimestamp); what PostgreSQL calls each class is
+# rendered once per class, not once per call.
+_FUNCTION_NAMES: dict[type, str] = {}
+
+
+def _postgres_name(func: exp.Func) -> str:
+    name = _FUNCTION_NAMES.get(type(func))
+    if name is None:
+        name = func.sql(dialect="postgres").split("(")[0].strip().lower()
+        _FUNCTION_NAMES[type(func)] = name
+    return name
+
+
 def _type_family(data_type: str | None) -> str | None:
     if not data_type:
         return None
@@ -245,6 +259,8 @@ class _ModelAnalysis:
         self.tainted: set[str] = set()
         self.plan: PlanStep | None = None
         self._personal_memo: dict[int, frozenset[str]] = {}
+        # Every column reference asks for its source's columns: compute them once per scope and alias.
+        self._scope_columns_memo: dict[tuple[int, str], list[str] | None] = {}
 
     def run(self) -> RelationSchema:
         sql = self.node.compiled_code
@@ -366,6 +382,12 @@ class _ModelAnalysis:
         return None
 
     def _scope_columns(self, source: Scope, alias: str) -> list[str] | None:
+        key = (id(source), alias)
+        if key not in self._scope_columns_memo:
+            self._scope_columns_memo[key] = self._compute_scope_columns(source, alias)
+        return self._scope_columns_memo[key]
+
+    def _compute_scope_columns(self, source: Scope, alias: str) -> list[str] | None:
         if alias.lower() in self.tainted:
             return None
         expression = source.expression
@@ -452,7 +474,7 @@ class _ModelAnalysis:
             root = root.left
         selects = getattr(root, "selects", [])
         names = [s.alias_or_name.lower() for s in selects]
-        reads_uncertain = any(
+        reads_uncertain = bool(self.tainted) and any(
             not t.db and t.name.lower() in self.tainted
             for t in root.find_all(exp.Table)
             if t.find_ancestor(exp.CTE) is None
@@ -474,7 +496,11 @@ class _ModelAnalysis:
             columns.update(dict.fromkeys(_SNAPSHOT_COLUMNS))
         if not complete:
             columns = {**yaml, **columns}
-        personal = self._personal_outputs(root_scope) if root_scope is not None else frozenset()
+        personal = (
+            self._personal_outputs(root_scope)
+            if root_scope is not None and self.ctx.any_personal
+            else frozenset()
+        )
         declared = self._declared_columns()
         personal = (personal | {c for c, (_, sens, _) in declared.items() if sens == "personal"}) - {
             c for c, (_, _, pseudo) in declared.items() if pseudo
@@ -666,8 +692,7 @@ class _ModelAnalysis:
             return
         volatile = nondeterministic_functions()
         for func in tree.find_all(exp.Func):
-            rendered = func.name if isinstance(func, exp.Anonymous) else func.sql(dialect="postgres")
-            fname = rendered.split("(")[0].strip().lower()
+            fname = func.name.lower() if isinstance(func, exp.Anonymous) else _postgres_name(func)
             if fname not in volatile:
                 continue
             line, col = _source_line(self.node, fname, None)
@@ -882,7 +907,10 @@ def _uncertain_ctes(tree: exp.Expr) -> set[str]:
     without a warehouse leaves such unions behind (`union_relations` emits `*` placeholders).
     """
     tainted: set[str] = set()
-    for setop in tree.find_all(exp.SetOperation):
+    setops = list(tree.find_all(exp.SetOperation))
+    if not setops:
+        return tainted
+    for setop in setops:
         if _width(setop.left) != _width(setop.right):
             cte = setop.find_ancestor(exp.CTE)
             if cte is not None:
@@ -950,6 +978,9 @@ def analyze_project(
             base.personal = _declared_personal(ldm, source.unique_id)
             ctx.schemas[source.unique_id] = base
 
+    ctx.any_personal = ldm is not None and any(
+        c.sensitivity == "personal" for e in ldm for c in e.columns.values()
+    )
     ldm_fingerprint = hash(tuple((e.unique_id, e.grain, e.kind, tuple(e.lookups)) for e in ldm)) if ldm else 0
     # Source schemas are part of every model's inputs whether or not a manifest lists them in depends_on.
     sources_fingerprint = hash(
