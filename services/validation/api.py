@@ -23,10 +23,11 @@ from sqlalchemy import Engine
 
 from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
 from services.core.auth import Principal, TokenAuthenticator
-from services.core.ldm import ProjectConfig, parse_project_config
+from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
 from services.core.settings import CdmeSettings
 from services.core.warehouse import check_connection
 from services.validation.domain import Finding, Report, validate_project
+from services.validation.domain.paths import PathResult, validate_path
 from services.validation.domain.proposal import (
     MODEL_NAME,
     ModelProperties,
@@ -89,6 +90,16 @@ class MappingRequest(ValidateRequest):
     yaml: ModelProperties | None = Field(
         default=None,
         description="The model's dbt YAML properties as JSON: description, columns, config.meta.",
+    )
+
+
+class PathRequest(ValidateRequest):
+    """A symbolic path to resolve over the relationships the project declares."""
+
+    path: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="`entity.relationship[.relationship...].attribute`, e.g. `orders.customer_id.customer_name`.",
     )
 
 
@@ -295,6 +306,30 @@ async def validate_mapping(
     roles do not allow do not exist for the proposal.
     """
     return await run_in_threadpool(_validate_proposal, body, principal, context)
+
+
+def _resolve_path(body: PathRequest, principal: Principal, context: ServiceContext) -> PathResult:
+    manifest, config, catalog = _parse(body)
+    ldm = load_ldm(manifest, config, catalog, lineage_mode=context.settings.lineage_mode) if config else None
+    with _DOMAIN_LOCK:
+        return validate_path(
+            manifest, body.path, catalog=catalog, ldm=ldm, principal=principal.name, roles=principal.roles
+        )
+
+
+@router.post("/validate/path")
+async def validate_symbolic_path(
+    body: PathRequest, principal: PrincipalDep, context: ContextDep
+) -> PathResult:
+    """Resolve a symbolic path `entity.relationship.attribute` over the project's declared relationships.
+
+    Relationships are the ones dbt declares: `relationships` tests and foreign-key constraints. Each middle
+    segment names a relationship by its foreign-key column or by the entity it leads to; the last segment is
+    an attribute of the entity reached, checked against the columns validation resolves for it. With `config`,
+    entities the caller's roles do not allow do not exist for the path. Nothing is stored; a broken path is
+    `valid: false` with a finding naming the step.
+    """
+    return await run_in_threadpool(_resolve_path, body, principal, context)
 
 
 # -- operations -------------------------------------------------------------------------------------------------

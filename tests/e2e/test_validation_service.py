@@ -436,3 +436,41 @@ def test_a_restarted_service_keeps_its_reports(service: Service, jaffle: dict[st
         assert client.get(f"/reports/{report['id']}").json() == report
     assert _report_count(service) == count
     assert _rows(service, "select version_num from cdme_validation.alembic_version") == [("0001",)]
+
+
+# -- POST /validate/path --------------------------------------------------------------------------------------------
+
+
+def test_a_symbolic_path_resolves_over_declared_relationships(
+    service: Service, api: httpx.Client, jaffle: dict[str, Any]
+) -> None:
+    before = _report_count(service)
+    good = api.post("/validate/path", json={"manifest": jaffle, "path": "orders.customer_id.customer_name"})
+    assert good.status_code == 200, good.text
+    assert good.json()["valid"] is True
+    assert good.json()["attribute"] == "stg_customers.customer_name"
+    assert good.json()["steps"] == [
+        {
+            "from_entity": "orders",
+            "via": "customer_id",
+            "to_entity": "stg_customers",
+            "to_column": "customer_id",
+        }
+    ]
+
+    broken = api.post("/validate/path", json={"manifest": jaffle, "path": "orders.store_id.name"}).json()
+    assert broken["valid"] is False
+    [finding] = broken["findings"]
+    assert (finding["rule"], finding["code"], finding["model"]) == ("path", "CDME-V100", "orders")
+    assert (
+        finding["message"]
+        == "`orders` has no declared relationship `store_id` (declared: customer_id -> stg_customers)"
+    )
+    assert _report_count(service) == before, "path validation stores nothing"
+
+    unauthenticated = httpx.post(
+        f"{service.base_url}/validate/path", json={"manifest": jaffle, "path": "a.b"}
+    )
+    assert unauthenticated.status_code == 401
+    empty = api.post("/validate/path", json={"manifest": jaffle, "path": ""})
+    _assert_problem(empty, 422)

@@ -490,3 +490,40 @@ def test_cli_estimates_cost_only_when_asked(
         "cdme: error: cost estimation needs the warehouse's statistics, which could not be read:"
     )
     assert dead.stderr.count("\n") == 1
+
+
+# -- symbolic paths --------------------------------------------------------------------------------------------------
+
+
+def test_paths_follow_the_reference_projects_relationship_tests(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    from services.core.ldm import load_ldm
+    from services.validation.domain.paths import validate_path
+
+    ldm = load_ldm(compiled, config)
+    resolved = validate_path(
+        compiled, "int_trades_enriched.currency_code.rate_to_usd", ldm=ldm, project_dir=PROJECT_DIR
+    )
+    assert (resolved.valid, resolved.attribute) == (True, "currencies.rate_to_usd")
+    typo = validate_path(
+        compiled, "int_trades_enriched.currencies.rate_to_eur", ldm=ldm, project_dir=PROJECT_DIR
+    )
+    assert not typo.valid and typo.findings[0].message.startswith(
+        "`currencies` has no column `rate_to_eur` (columns: "
+    )
+
+    denied = validate_path(
+        compiled,
+        "snap_counterparties.counterparty_id",
+        ldm=ldm,
+        principal="ana",
+        roles=frozenset({"risk_analyst"}),
+    )
+    assert [f.message for f in denied.findings] == [
+        "`snap_counterparties` is not an entity known to principal `ana`; a path is entity.relationship.attribute"
+    ]
+    allowed = validate_path(
+        compiled, "snap_counterparties.counterparty_id", ldm=ldm, roles=frozenset({"data_engineer"})
+    )
+    assert allowed.valid

@@ -929,6 +929,17 @@ def _uncertain_ctes(tree: exp.Expr) -> set[str]:
     return tainted
 
 
+def project_schemas(
+    manifest: Manifest,
+    *,
+    catalog: Catalog | None = None,
+    ldm: Ldm | None = None,
+    project_dir: Path | None = None,
+) -> dict[str, RelationSchema]:
+    """Every relation's resolved schema, by unique id: what validation knows each model produces."""
+    return _analyze(manifest, catalog=catalog, ldm=ldm, project_dir=project_dir)[1]
+
+
 def analyze_project(
     manifest: Manifest,
     *,
@@ -951,6 +962,20 @@ def analyze_project(
     Returns:
         The findings, the coverage of the analysis, and the execution plan.
     """
+    return _analyze(
+        manifest, catalog=catalog, ldm=ldm, project_dir=project_dir, principal=principal, roles=roles
+    )[0]
+
+
+def _analyze(
+    manifest: Manifest,
+    *,
+    catalog: Catalog | None = None,
+    ldm: Ldm | None = None,
+    project_dir: Path | None = None,
+    principal: str | None = None,
+    roles: frozenset[str] | None = None,
+) -> tuple[Report, dict[str, RelationSchema]]:
     ctx = _Context(
         manifest=manifest,
         dialect=sqlglot_dialect(manifest.metadata.adapter_type),
@@ -1038,7 +1063,7 @@ def analyze_project(
         column_references_resolved=totals.resolved,
         unresolved_models=unresolved,
     )
-    return Report(findings=findings, coverage=coverage, plan=_plan(manifest, steps, hidden_ids))
+    return Report(findings=findings, coverage=coverage, plan=_plan(manifest, steps, hidden_ids)), ctx.schemas
 
 
 def _declared_personal(ldm: Ldm | None, uid: str) -> frozenset[str]:

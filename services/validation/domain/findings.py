@@ -89,6 +89,13 @@ RULES: dict[str, Rule] = {
             "Each model's estimated output, intermediate size and join depth stay within its budget.",
         ),
         Rule(
+            "CDME-V100",
+            "path",
+            "REQ-VAL-PATH",
+            "error",
+            "A symbolic path follows relationships the project declares, to an attribute that exists.",
+        ),
+        Rule(
             "CDME-V030",
             "lookups",
             "REQ-VAL-LOOKUP",
