@@ -206,6 +206,28 @@ def _postgres_name(func: exp.Func) -> str:
     return name
 
 
+_DROPPING_CLAUSES = (
+    ("where", "a WHERE filter"),
+    ("group", "GROUP BY"),
+    ("having", "a HAVING filter"),
+    ("distinct", "DISTINCT"),
+    ("limit", "LIMIT"),
+)
+
+
+def _dropping_clauses(query: exp.Expr) -> list[tuple[str, str]]:
+    """What in one SELECT can leave an input row without an output row, with the keyword that shows where."""
+    if not isinstance(query, exp.Select):
+        return []
+    found = [(what, clause) for clause, what in _DROPPING_CLAUSES if query.args.get(clause)]
+    joins = query.args.get("joins") or []
+    if any(
+        (j.side or "").upper() not in {"LEFT", "FULL"} and (j.kind or "").upper() != "CROSS" for j in joins
+    ):
+        found.append(("an inner join that can drop rows", "join"))
+    return found
+
+
 def _type_family(data_type: str | None) -> str | None:
     if not data_type:
         return None
@@ -335,22 +357,18 @@ class _ModelAnalysis:
     def _unknown_relation(self, table: exp.Table, key: tuple[str, str, str]) -> None:
         self.unknown_relations = True
         if key in self.ctx.hidden or ("", key[1], key[2]) in self.ctx.hidden:
-            line, col = _source_line(self.node, table.name, None)
             # Worded as for a relation that does not exist: the principal must not learn that it does.
             message = f"relation `{table.db}.{table.name}` is unknown to principal `{self.ctx.principal}`"
-            self.findings.append(Finding.of("access", "VIOLATION", self.name, message, line=line, column=col))
+            self._violation("access", message, at=table.name)
             return
         if not table.db or key[1] not in self.ctx.project_schemas:
             return  # a table outside the project's schemas is external, not a hallucination
         known = [k[2] for k in self.ctx.by_relation if k[1] == key[1]]
-        line, col = _source_line(self.node, table.name, None)
         message = (
             f"relation `{table.db}.{table.name}` is not a source, seed, snapshot or model of the project"
             f"{_did_you_mean(key[2], known)}"
         )
-        self.findings.append(
-            Finding.of("existence.relation", "VIOLATION", self.name, message, line=line, column=col)
-        )
+        self._violation("existence.relation", message, at=table.name)
 
     def _relation_label(self, uid: str) -> str:
         node = self.ctx.manifest.nodes.get(uid) or self.ctx.manifest.sources.get(uid)
@@ -462,11 +480,8 @@ class _ModelAnalysis:
         return "VIOLATION"
 
     def _missing(self, column: exp.Column, name: str, relation: str, candidates: list[str]) -> None:
-        line, col = _source_line(self.node, column.name, column.table or None)
         message = f"column `{column.name}` does not exist in `{relation}`{_did_you_mean(name, candidates)}"
-        self.findings.append(
-            Finding.of("existence.column", "VIOLATION", self.name, message, line=line, column=col)
-        )
+        self._violation("existence.column", message, at=column.name, qualifier=column.table or None)
 
     def _output_schema(self, qualified: exp.Expr, root_scope: Scope | None) -> RelationSchema:
         root = qualified
@@ -568,7 +583,6 @@ class _ModelAnalysis:
         lo, ro = self._origin(scope, left), self._origin(scope, right)
         if lo is None or ro is None:
             return
-        line, col = _source_line(self.node, left.name, None)
         lt, rt = self._type_of(lo), self._type_of(ro)
         lf, rf = _type_family(lt), _type_family(rt)
         if physical and lf and rf and not _families_compatible(lf, rf):
@@ -576,13 +590,13 @@ class _ModelAnalysis:
                 f"`{left.sql()}` ({lt}) {verb} `{right.sql()}` ({rt}): there is no implicit cast between "
                 f"{lf} and {rf}; cast one side explicitly"
             )
-            self.findings.append(Finding.of("types", "VIOLATION", self.name, message, line=line, column=col))
+            self._violation("types", message, at=left.name)
             return
         ls, rs = self._semantic_type_of(lo), self._semantic_type_of(ro)
         config = self.ctx.ldm.config if self.ctx.ldm else None
         if ls and rs and config is not None and not (config.is_subtype(ls, rs) or config.is_subtype(rs, ls)):
             message = f"`{left.sql()}` ({ls}) {verb} `{right.sql()}` ({rs}): semantic types {ls} and {rs} do not unify"
-            self.findings.append(Finding.of("types", "VIOLATION", self.name, message, line=line, column=col))
+            self._violation("types", message, at=left.name)
 
     # -- grain ------------------------------------------------------------------------------------------------
 
@@ -668,14 +682,11 @@ class _ModelAnalysis:
         if not schema.personal or not _is_mart(self.node):
             return
         for name in sorted(schema.personal):
-            line, col = _source_line(self.node, name, None)
             message = (
                 f"column `{name}` carries personal data into a mart; pseudonymize it "
                 "(cdme_pseudonymize) or leave it out"
             )
-            self.findings.append(
-                Finding.of("governance", "VIOLATION", self.name, message, line=line, column=col)
-            )
+            self._violation("governance", message, at=name)
 
     # -- determinism and morphism ----------------------------------------------------------------------------
 
@@ -695,43 +706,40 @@ class _ModelAnalysis:
             fname = func.name.lower() if isinstance(func, exp.Anonymous) else _postgres_name(func)
             if fname not in volatile:
                 continue
-            line, col = _source_line(self.node, fname, None)
             message = (
                 f"`{fname}` is non-deterministic: two runs on the same data differ; pass the value in "
                 "(e.g. the epoch var) or declare the model an external morphism (meta.cdme.external: true)"
             )
-            finding = Finding.of("determinism", "VIOLATION", self.name, message, line=line, column=col)
-            if not governed:
-                # A model that has not opted into CDME's contract gets the advice, not a rejection.
-                finding = finding.model_copy(update={"severity": "warning"})
-            self.findings.append(finding)
+            # A model that has not opted into CDME's contract gets the advice, not a rejection.
+            self._violation("determinism", message, at=fname, advisory=not governed)
 
     def _check_iso(self, tree: exp.Expr) -> None:
         _, kind, _ = self._declared()
         if kind != "iso":
             return
-        problems: list[tuple[str, str]] = []  # what the SQL does, and the keyword that shows where
+        # WHERE is left out: an iso model may scope its input to the epoch, which is not a row it drops.
+        problems = [(what, at) for what, at in _dropping_clauses(tree) if at not in {"where", "having"}]
         if isinstance(tree, exp.SetOperation):
-            problems.append(("a set operation (UNION/INTERSECT/EXCEPT)", "union"))
-        if isinstance(tree, exp.Select):
-            if tree.args.get("group"):
-                problems.append(("GROUP BY", "group"))
-            if tree.args.get("distinct"):
-                problems.append(("DISTINCT", "distinct"))
-            if tree.args.get("limit"):
-                problems.append(("LIMIT", "limit"))
-            for join in tree.args.get("joins") or []:
-                if (join.side or "").upper() not in {"LEFT", "FULL"} and (join.kind or "").upper() != "CROSS":
-                    problems.append(("an inner join that can drop rows", "join"))
-                    break
+            problems.insert(0, ("a set operation (UNION/INTERSECT/EXCEPT)", "union"))
         for problem, keyword in problems:
-            line, col = _source_line(self.node, keyword, None)
             message = (
                 f"declared `kind: iso` (1:1) but the SQL has {problem}; declare the kind it is or remove it"
             )
-            self.findings.append(
-                Finding.of("morphism.iso", "VIOLATION", self.name, message, line=line, column=col)
-            )
+            self._violation("morphism.iso", message, at=keyword)
+
+    def _violation(
+        self,
+        rule: str,
+        message: str,
+        *,
+        at: str | None = None,
+        qualifier: str | None = None,
+        advisory: bool = False,
+    ) -> None:
+        """Record a violation, located where the user wrote `at`; an advisory one is a warning, not an error."""
+        line, col = _source_line(self.node, at, qualifier) if at else (None, None)
+        finding = Finding.of(rule, "VIOLATION", self.name, message, line=line, column=col)
+        self.findings.append(finding.model_copy(update={"severity": "warning"}) if advisory else finding)
 
     def _check_folds(self, tree: exp.Expr) -> None:
         governed, _, _ = self._declared()
@@ -744,13 +752,11 @@ class _ModelAnalysis:
             if ordered:
                 continue
             fname = fold.sql(dialect="postgres").split("(")[0].strip().lower()
-            line, col = _source_line(self.node, fname, None)
             message = (
                 f"`{fname}` without ORDER BY folds rows in whatever order the database reads them, so its result "
                 "is not reproducible; add ORDER BY"
             )
-            finding = Finding.of("morphism.fold", "VIOLATION", self.name, message, line=line, column=col)
-            self.findings.append(finding if governed else finding.model_copy(update={"severity": "warning"}))
+            self._violation("morphism.fold", message, at=fname, advisory=not governed)
 
     def _check_postgres(self, tree: exp.Expr) -> None:
         if self.ctx.dialect != "postgres":
@@ -777,13 +783,10 @@ class _ModelAnalysis:
                 and not identifier.quoted
                 and identifier.name.lower() in reserved
             ):
-                line, col = _source_line(self.node, identifier.name, None)
                 message = (
                     f"`{identifier.name}` is a reserved word in PostgreSQL; quote it or choose another name"
                 )
-                self.findings.append(
-                    Finding.of("postgres", "VIOLATION", self.name, message, line=line, column=col)
-                )
+                self._violation("postgres", message, at=identifier.name)
 
     def _plan_step(self, tree: exp.Expr) -> PlanStep:
         _, declared_kind, _ = self._declared()
@@ -793,27 +796,14 @@ class _ModelAnalysis:
         if any(op.args.get("distinct") for op in tree.find_all(exp.Union)):
             reasons.append("UNION removes duplicates")
         selects = list(tree.find_all(exp.Select))
-        clauses = (
-            ("where", "WHERE"),
-            ("group", "GROUP BY"),
-            ("having", "HAVING"),
-            ("distinct", "DISTINCT"),
-            ("limit", "LIMIT"),
-        )
-        for clause, reason in clauses:
-            if any(select.args.get(clause) for select in selects):
-                reasons.append(reason)
+        for select in selects:
+            reasons += [what for what, _ in _dropping_clauses(select) if what not in reasons]
         joins = [join for select in selects for join in select.args.get("joins") or []]
-        if any(
-            (j.side or "").upper() not in {"LEFT", "FULL"} and (j.kind or "").upper() != "CROSS"
-            for j in joins
-        ):
-            reasons.append("inner join")
         if declared_kind is not None:
             kind = declared_kind
         elif "GROUP BY" in reasons:
             kind = "aggregate"
-        elif "WHERE" in reasons or "HAVING" in reasons:
+        elif "a WHERE filter" in reasons or "a HAVING filter" in reasons:
             kind = "filter"
         elif isinstance(tree, exp.SetOperation):
             kind = "union"
