@@ -23,7 +23,6 @@ from services.cli.bench import bench_app
 from services.core.artifacts import (
     Catalog,
     Manifest,
-    SourceDefinition,
     load_catalog,
     load_manifest,
     parse_catalog,
@@ -47,7 +46,7 @@ from services.core.warehouse import (
 )
 from services.datagen.trading import GenerateRequest, currency_codes, generate, parse_epoch
 from services.validation.domain import validate_project
-from services.validation.domain.cost import TableStats, warehouse_stats
+from services.validation.domain.cost import TableStats, relations_of, warehouse_stats
 
 app = typer.Typer(
     name="cdme",
@@ -322,13 +321,7 @@ def artifacts_check(
 
 def _warehouse_stats(settings: CdmeSettings, manifest: Manifest) -> dict[tuple[str, str], TableStats]:
     # The one place validation connects: cost estimation reads the planner's statistics, nothing else.
-    relations = [
-        (
-            node.schema_.lower(),
-            (node.identifier if isinstance(node, SourceDefinition) else node.alias or node.name).lower(),
-        )
-        for node in manifest.entities()
-    ]
+    relations = relations_of(manifest)
     url = libpq_url(resolve_warehouse_url(settings))
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:

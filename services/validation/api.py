@@ -14,19 +14,25 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
+import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
 from services.core.auth import Principal, TokenAuthenticator
+from services.core.errors import WarehouseError, first_line
 from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
+from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
 from services.core.warehouse import check_connection
 from services.validation.domain import Finding, Report, validate_project
+from services.validation.domain.cost import relations_of, warehouse_stats
+from services.validation.domain.findings import CostEstimate, Plan
 from services.validation.domain.paths import PathResult, validate_path
 from services.validation.domain.proposal import (
     MODEL_NAME,
@@ -139,6 +145,22 @@ class ValidationResult(Outcome):
     """A stored validation report."""
 
     id: uuid.UUID = Field(description="Fetch the report again at `/reports/{id}`.")
+
+
+class DryRunRequest(ValidateRequest):
+    """A manifest to validate and cost against the warehouse's statistics, without running anything."""
+
+    budget: Budget | None = Field(
+        default=None,
+        description="Ceilings over the ones `cdme.yml` declares: max_output_rows, max_join_depth, max_intermediate_rows.",
+    )
+
+
+class DryRunResult(Outcome):
+    """What a run would meet: the findings (budget findings included), the plan, and each model's estimate."""
+
+    plan: Plan
+    costs: list[CostEstimate]
 
 
 class MappingResult(Outcome):
@@ -330,6 +352,45 @@ async def validate_symbolic_path(
     `valid: false` with a finding naming the step.
     """
     return await run_in_threadpool(_resolve_path, body, principal, context)
+
+
+def _dry_run(body: DryRunRequest, principal: Principal, context: ServiceContext) -> DryRunResult:
+    manifest, config, catalog = _parse(body)
+    try:
+        with context.engine.connect() as conn:
+            # Planner statistics only (pg_class, pg_stats): a dry run reads the catalog and writes nothing.
+            driver = conn.connection.driver_connection
+            if not isinstance(driver, psycopg.Connection):
+                msg = "the warehouse is not reached through psycopg 3; cost estimation reads PostgreSQL's catalog"
+                raise WarehouseError(msg)
+            stats = warehouse_stats(driver, relations_of(manifest))
+    except (SQLAlchemyError, psycopg.Error) as e:
+        msg = f"the warehouse's statistics could not be read: {first_line(e)}"
+        raise WarehouseError(msg) from e
+    with _DOMAIN_LOCK:
+        report = validate_project(
+            manifest,
+            config=config,
+            catalog=catalog,
+            lineage_mode=context.settings.lineage_mode,
+            principal=principal.name,
+            roles=principal.roles,
+            stats=stats,
+            budget=body.budget,
+        )
+    return DryRunResult(**_outcome(report).model_dump(), plan=report.plan, costs=report.costs)
+
+
+@router.post("/dry-run", responses={503: {"model": Problem, "description": "The warehouse is unreachable."}})
+async def dry_run(body: DryRunRequest, principal: PrincipalDep, context: ContextDep) -> DryRunResult:
+    """Validate a compiled manifest and estimate what running it would cost; nothing is stored or run.
+
+    Each model's output rows, largest intermediate step and join depth are estimated from the warehouse's
+    planner statistics (`pg_class.reltuples`, `pg_stats.n_distinct`) and checked against the budgets of
+    `cdme.yml` and `budget`; an estimate over budget is a `cost` finding stating estimate and budget. The plan
+    classifies every model lossless or lossy, with the checkpoints the adjoint service would take.
+    """
+    return await run_in_threadpool(_dry_run, body, principal, context)
 
 
 # -- operations -------------------------------------------------------------------------------------------------

@@ -474,3 +474,28 @@ def test_a_symbolic_path_resolves_over_declared_relationships(
     assert unauthenticated.status_code == 401
     empty = api.post("/validate/path", json={"manifest": jaffle, "path": ""})
     _assert_problem(empty, 422)
+
+
+# -- POST /dry-run --------------------------------------------------------------------------------------------------
+
+
+def test_a_dry_run_estimates_costs_against_budgets_and_stores_nothing(
+    service: Service, api: httpx.Client, jaffle: dict[str, Any]
+) -> None:
+    before = _report_count(service)
+    response = api.post("/dry-run", json={"manifest": jaffle, "budget": {"max_join_depth": 1}})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    costs = {c["model"]: c for c in result["costs"]}
+    assert len(costs) == 13 and len(result["plan"]["steps"]) == 13
+    # This database holds none of jaffle-shop's tables: sizes of models reading them are unknown, while the
+    # time spine, generated from literals alone, has a size; join depth always comes from the SQL.
+    assert costs["metricflow_time_spine"]["rows"] == 455
+    assert all(c["rows"] is None for name, c in costs.items() if name != "metricflow_time_spine")
+    over = {f["model"] for f in result["findings"] if f["rule"] == "cost"}
+    assert over == {name for name, c in costs.items() if (c["join_depth"] or 0) > 1}
+    assert over and result["status"] == "rejected"
+    assert _report_count(service) == before, "a dry run stores nothing"
+
+    unknown_budget = api.post("/dry-run", json={"manifest": jaffle, "budget": {"max_rows": 5}})
+    _assert_problem(unknown_budget, 422)

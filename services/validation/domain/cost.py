@@ -20,7 +20,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from services.core.artifacts import Manifest
+from services.core.artifacts import Manifest, SourceDefinition
 from services.core.ldm import ProjectConfig, entity_name
 from services.core.ldm.config import Budget
 from services.validation.domain.analysis import sqlglot_dialect, topological_order
@@ -69,6 +69,17 @@ def warehouse_stats(
             )
         stats[(str(schema), str(table))] = TableStats(rows=float(reltuples), distinct=distinct)
     return stats
+
+
+def relations_of(manifest: Manifest) -> list[tuple[str, str]]:
+    """The `(schema, table)` of every source, seed, snapshot and model: what to read statistics for."""
+    return [
+        (
+            node.schema_.lower(),
+            (node.identifier if isinstance(node, SourceDefinition) else node.alias or node.name).lower(),
+        )
+        for node in manifest.entities()
+    ]
 
 
 @dataclass
