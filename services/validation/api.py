@@ -31,7 +31,7 @@ from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
 from services.core.warehouse import check_connection
 from services.validation.domain import Finding, Report, validate_project
-from services.validation.domain.cost import relations_of, warehouse_stats
+from services.validation.domain.cost import TableStats, relations_of, warehouse_stats
 from services.validation.domain.findings import CostEstimate, Plan
 from services.validation.domain.paths import PathResult, validate_path
 from services.validation.domain.proposal import (
@@ -243,19 +243,35 @@ def _checksum(document: dict[str, Any]) -> str:
     return f"sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
 
 
-def _validate_and_store(
-    body: ValidateRequest, principal: Principal, context: ServiceContext
-) -> ValidationResult:
-    manifest, config, catalog = _parse(body)
+def _validate_as(
+    principal: Principal,
+    context: ServiceContext,
+    manifest: Manifest,
+    config: ProjectConfig | None,
+    catalog: Catalog | None,
+    *,
+    stats: dict[tuple[str, str], TableStats] | None = None,
+    budget: Budget | None = None,
+) -> Report:
+    # The project as the caller sees it (its roles), with the service's settings, one validation at a time.
     with _DOMAIN_LOCK:
-        report = validate_project(
+        return validate_project(
             manifest,
             config=config,
             catalog=catalog,
             lineage_mode=context.settings.lineage_mode,
             principal=principal.name,
             roles=principal.roles,
+            stats=stats,
+            budget=budget,
         )
+
+
+def _validate_and_store(
+    body: ValidateRequest, principal: Principal, context: ServiceContext
+) -> ValidationResult:
+    manifest, config, catalog = _parse(body)
+    report = _validate_as(principal, context, manifest, config, catalog)
     outcome = _outcome(report)
     report_id = context.store.save(
         NewReport(
@@ -367,17 +383,7 @@ def _dry_run(body: DryRunRequest, principal: Principal, context: ServiceContext)
     except (SQLAlchemyError, psycopg.Error) as e:
         msg = f"the warehouse's statistics could not be read: {first_line(e)}"
         raise WarehouseError(msg) from e
-    with _DOMAIN_LOCK:
-        report = validate_project(
-            manifest,
-            config=config,
-            catalog=catalog,
-            lineage_mode=context.settings.lineage_mode,
-            principal=principal.name,
-            roles=principal.roles,
-            stats=stats,
-            budget=body.budget,
-        )
+    report = _validate_as(principal, context, manifest, config, catalog, stats=stats, budget=body.budget)
     return DryRunResult(**_outcome(report).model_dump(), plan=report.plan, costs=report.costs)
 
 

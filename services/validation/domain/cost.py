@@ -51,23 +51,24 @@ def warehouse_stats(
         return {}
     schemas = [s for s, _ in relations]
     tables = [t for _, t in relations]
+    # One round trip for every relation and column, however large the project: a left join keeps tables that
+    # were analysed but have no column statistics yet.
     rows = conn.execute(
-        "select n.nspname, c.relname, c.reltuples from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+        "select n.nspname, c.relname, c.reltuples, st.attname, st.n_distinct "
+        "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
         "join unnest(%s::text[], %s::text[]) as r(s, t) on r.s = n.nspname and r.t = c.relname "
+        "left join pg_stats st on st.schemaname = n.nspname and st.tablename = c.relname "
         "where c.reltuples >= 0",
         (schemas, tables),
     ).fetchall()
-    stats: dict[tuple[str, str], TableStats] = {}
-    for schema, table, reltuples in rows:
-        distinct: dict[str, float] = {}
-        for column, n_distinct in conn.execute(
-            "select attname, n_distinct from pg_stats where schemaname = %s and tablename = %s",
-            (schema, table),
-        ).fetchall():
+    collected: dict[tuple[str, str], tuple[float, dict[str, float]]] = {}
+    for schema, table, reltuples, column, n_distinct in rows:
+        _, distinct = collected.setdefault((str(schema), str(table)), (float(reltuples), {}))
+        if column is not None and n_distinct is not None:
             distinct[str(column)] = (
                 float(n_distinct) if n_distinct >= 0 else -float(n_distinct) * float(reltuples)
             )
-        stats[(str(schema), str(table))] = TableStats(rows=float(reltuples), distinct=distinct)
+    stats = {key: TableStats(rows=rows_, distinct=distinct) for key, (rows_, distinct) in collected.items()}
     return stats
 
 
