@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.core.errors import CdmeError
+from services.core.errors import CdmeError, ConflictError
 
 
 class DerivationError(CdmeError):
@@ -13,19 +13,9 @@ class DerivationError(CdmeError):
     title = "Capture not derivable"
 
 
-class NotFoundError(CdmeError):
-    """The run, model or key asked about is not in the adjoint metadata (or not visible to the principal)."""
-
-    exit_code = 66  # EX_NOINPUT
-    http_status = 404
-    title = "Not found"
-
-
-class NotReconstructableError(CdmeError):
+class NotReconstructableError(ConflictError):
     """A key-derivable run's data changed since capture (digest mismatch): no answer rather than a wrong one."""
 
-    exit_code = 65
-    http_status = 409
     title = "Not reconstructable"
 
 
