@@ -40,7 +40,7 @@ from services.adjoint.domain.derive import Derivation, Relation, derive
 from services.adjoint.domain.errors import CaptureInputError, DerivationError
 from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
 from services.core.artifacts import Manifest, RunResults
-from services.core.errors import LdmError
+from services.core.errors import LdmError, UsageError
 from services.core.ldm import Entity, Ldm, ProjectConfig, load_ldm
 from services.core.ldm.config import LineageMode
 
@@ -56,13 +56,13 @@ def normalise_run_id(run_id: str) -> str:
     """The canonical text of a run id (a UUID, lower case with dashes).
 
     Raises:
-        CaptureInputError: `run_id` is not a UUID.
+        UsageError: `run_id` is not a UUID.
     """
     try:
         return str(uuid.UUID(run_id))
     except (ValueError, AttributeError, TypeError):
         msg = f"run id {run_id!r} is not a UUID"
-        raise CaptureInputError(msg) from None
+        raise UsageError(msg) from None
 
 
 def partition_name(table: str, run_id: str) -> str:
@@ -295,6 +295,8 @@ class _Capture:
         self.run = sql.Literal(run_id)
 
     def prepare(self) -> None:
+        # Two captures of one run (two replicas, a retry) take turns instead of failing on each other's DDL.
+        _execute(self.cur, sql.SQL("select pg_advisory_xact_lock(hashtextextended({}, 7))").format(self.run))
         for name, value in ENCODING_SESSION:
             _execute(
                 self.cur,
