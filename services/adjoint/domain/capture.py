@@ -263,12 +263,14 @@ _INDEXES = {
 
 def _envelope(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
     """Count, min/max and an order-independent digest (sum of 64-bit hashes) of a key set."""
-    _execute(
-        cur,
-        f"select count(*), min(k), max(k), coalesce(sum(hashtextextended(k, 0)::numeric), 0)::text "
-        f"from ({keys_sql}) e",
-    )
-    row = cur.fetchone()
+    with cur.connection.cursor() as plain:
+        _execute(
+            plain,
+            sql.SQL(
+                "select count(*), min(k), max(k), coalesce(sum(hashtextextended(k, 0)::numeric), 0)::text from ({}) e"
+            ).format(sql.SQL(keys_sql)),
+        )
+        row = plain.fetchone()
     assert row is not None
     return {"count": int(row[0]), "min": row[1], "max": row[2], "digest": row[3]}
 
@@ -396,7 +398,7 @@ class _Capture:
         if self.mode == "key_derivable":
             stats["envelopes"] = {
                 "input": _envelope(cur, m.input_sql(self.epoch)),
-                "output": _envelope(cur, "select distinct target_key as k from _cdme_mapped"),
+                "output": _envelope(cur, f"select distinct k from ({m.output_sql()}) o"),
             }
         m.stats = stats
 

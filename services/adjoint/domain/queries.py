@@ -397,6 +397,7 @@ def backward(
             for u, k, path, d in rows
         ]
         if records:
+            _set_encoding_session(cur)
             _attach_records(cur, graph, contributions)
     return {
         "run_id": graph.run_id,
