@@ -171,7 +171,11 @@ def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
             # The other branches carry other driving upstreams; this morphism's pairs come from this one only.
             through_union = True
             with_ = parent.args.get("with_")
-            parent.replace(node)
+            if parent.parent is None:
+                # The set operation is the whole query: this branch becomes the root.
+                node.pop()
+            else:
+                parent.replace(node)
             if with_ is not None:
                 node.set("with_", with_)
             continue
