@@ -252,7 +252,7 @@ def _aggregates_in(expression: exp.Expr) -> list[exp.AggFunc]:
     for node in expression.walk():
         if not isinstance(node, exp.AggFunc) or isinstance(node.parent, exp.Window):
             continue
-        ancestor = node.parent
+        ancestor = node.parent if node is not expression else None
         nested = False
         while ancestor is not None and ancestor is not expression:
             if isinstance(ancestor, (exp.Select, exp.Subquery)):
