@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
+from services.adjoint.domain.bench import RESULTS_PATH as ADJOINT_RESULTS_PATH
+from services.adjoint.domain.bench import run_adjoint_benchmark
 from services.core.errors import UsageError
+from services.core.settings import get_settings
 from services.validation.domain.bench import RESULTS_PATH, run_validation_benchmark
 
 bench_app = typer.Typer(
@@ -88,3 +91,62 @@ def bench_validate(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
+    """The lines `cdme bench adjoint` prints for a result of `run_adjoint_benchmark`."""
+    lines = [
+        f"{result['trades']:,} trades, epoch {result['epoch']}: dbt build {result['dbt_build_seconds']:.1f} s"
+    ]
+    for mode, figures in result["capture"].items():
+        lines.append(
+            f"capture {mode:<13} {figures['seconds']:8.2f} s  ({figures['ratio_to_build']:.2f}x the build, "
+            f"{figures['pairs']:,} pairs stored)"
+        )
+    lines.append(f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included)")
+    for where, label in (("in_database", "in the database"), ("over_http", "over HTTP")):
+        for query, figures in result[where].items():
+            lines.append(
+                f"{query:<22} {label:<16} p50 {figures['p50_ms']:8.3f} ms  p99 {figures['p99_ms']:8.3f} ms "
+                f"({figures['samples']:,} keys)"
+            )
+    lines.append(
+        f"impact of 1,000 source keys in one query: {result['impact_1000_source_keys_seconds'] * 1000:.1f} ms"
+    )
+    for goal in result["goals"]:
+        verdict = "met" if goal["met"] else "missed"
+        lines.append(f"goal {goal['goal']} <= {goal['target']}: measured {goal['measured']}: {verdict}")
+    machine = result["machine"]
+    lines.append(
+        f"on {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, {result['measured_at']}"
+        + (
+            f", load average {machine['load_average_before']} before"
+            if machine["load_average_before"]
+            else ""
+        )
+    )
+    return lines
+
+
+@bench_app.command("adjoint")
+def bench_adjoint(
+    trades: Annotated[
+        int, typer.Option("--trades", min=1, help="Trades in the benchmark epoch.")
+    ] = 1_000_000,
+    output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Time the dbt build, capture per lineage mode, storage, and backward/impact latency (SQL and HTTP)."""
+    if output not in {"json", "text"}:
+        msg = f"--format must be text or json, got {output!r}"
+        raise UsageError(msg)
+    result = run_adjoint_benchmark(
+        get_settings(),
+        trades,
+        progress=None if output == "json" else lambda line: typer.echo(f"... {line}", err=True),
+    )
+    if output == "json":
+        typer.echo(json.dumps(result))
+    else:
+        for line in format_adjoint_benchmark(result):
+            typer.echo(line)
+        typer.echo(f"written to {ADJOINT_RESULTS_PATH}")

@@ -320,7 +320,7 @@ class _Capture:
     def morphism(self, m: Morphism) -> None:
         cur, mid = self.cur, sql.Literal(m.morphism_id)
         mapped, filtered, errored = (_part(t, self.run_id) for t in PARTITIONED)
-        _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest")
+        _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest, _cdme_lost, _cdme_overlap")
         _execute(cur, f"create temp table _cdme_in on commit drop as {m.input_sql(self.epoch)}")
         _execute(cur, f"create temp table _cdme_mapped on commit drop as {m.derivation.mapped_sql}")
         if self.mode == "full":
@@ -345,14 +345,15 @@ class _Capture:
                     "morphism_path from {} where source_entity = {}"
                 ).format(errored, self.run, mid, sql.SQL(sink), sql.Literal(m.upstream.name)),
             )
-        mapped_keys = "select distinct source_key from _cdme_mapped"
         errored_keys = sql.SQL("select source_key from {} where morphism_id = {}").format(errored, mid)
+        filtered_keys = sql.SQL("select source_key from {} where morphism_id = {}").format(filtered, mid)
+        # Set operations (hashed), never NOT EXISTS probes: temp tables have no statistics and a probe per key
+        # into an unindexed table is quadratic.
         _execute(
             cur,
             sql.SQL(
-                "create temp table _cdme_rest on commit drop as select k from _cdme_in i "
-                "where not exists (select 1 from _cdme_mapped x where x.source_key = i.k) "
-                "and not exists (select 1 from ({}) e where e.source_key = i.k)"
+                "create temp table _cdme_rest on commit drop as "
+                "select k from _cdme_in except select source_key from _cdme_mapped except {}"
             ).format(errored_keys),
         )
         if m.derivation.filters and _scalar(cur, "select exists (select 1 from _cdme_rest)"):
@@ -363,36 +364,40 @@ class _Capture:
                     "join _cdme_rest r on r.k = p.source_key where p.condition is not null group by p.source_key"
                 ).format(filtered, self.run, mid, sql.SQL(m.derivation.prefilter_sql)),
             )
-        filtered_keys = sql.SQL("select source_key from {} where morphism_id = {}").format(filtered, mid)
-        stats: dict[str, Any] = {}
-        stats["input"] = _scalar(cur, "select count(*) from _cdme_in")
-        stats["mapped"] = _scalar(cur, f"select count(*) from ({mapped_keys}) k")
-        stats["pairs"] = _scalar(cur, "select count(*) from _cdme_mapped")
-        stats["output"] = _scalar(cur, "select count(distinct target_key) from _cdme_mapped")
+        _execute(
+            cur,
+            sql.SQL(
+                "create temp table _cdme_lost on commit drop as select k from _cdme_rest except {}"
+            ).format(filtered_keys),
+        )
+        # Filtered keys are chosen among the keys neither mapped nor errored, so only those two can overlap;
+        # a key the sink holds twice is in the errored partition twice.
+        _execute(
+            cur,
+            sql.SQL(
+                "create temp table _cdme_overlap on commit drop as "
+                "({} intersect select source_key from _cdme_mapped) "
+                "union (select source_key from {} where morphism_id = {} group by source_key having count(*) > 1)"
+            ).format(errored_keys, errored, mid),
+        )
+        stats: dict[str, Any] = {"input": _scalar(cur, "select count(*) from _cdme_in")}
+        _execute(
+            cur, "select count(*), count(distinct source_key), count(distinct target_key) from _cdme_mapped"
+        )
+        row = cur.fetchone()
+        assert row is not None
+        stats["pairs"], stats["mapped"], stats["output"] = row
         stats["errored"] = _scalar(
             cur, sql.SQL("select count(distinct source_key) from ({}) e").format(errored_keys)
         )
         stats["filtered"] = _scalar(cur, sql.SQL("select count(*) from ({}) f").format(filtered_keys))
-        unaccounted = sql.SQL(
-            "select k from _cdme_rest r where not exists (select 1 from ({}) f where f.source_key = r.k)"
-        ).format(filtered_keys)
-        stats["unaccounted_count"] = _scalar(cur, sql.SQL("select count(*) from ({}) u").format(unaccounted))
-        _execute(
-            cur, sql.SQL("select k from ({}) u order by k limit {}").format(unaccounted, sql.Literal(SAMPLES))
-        )
+        stats["unaccounted_count"] = _scalar(cur, "select count(*) from _cdme_lost")
+        _execute(cur, sql.SQL("select k from _cdme_lost order by k limit {}").format(sql.Literal(SAMPLES)))
         stats["unaccounted_samples"] = [r[0] for r in cur.fetchall()]
-        # Filtered keys are chosen among the keys neither mapped nor errored, so only those two can overlap;
-        # an errored key that also appears twice in the sink is in the errored partition twice.
-        overlap = sql.SQL(
-            "select source_key from ({}) e where exists (select 1 from _cdme_mapped x where x.source_key = e.source_key) "
-            "union select source_key from ({}) e group by source_key having count(*) > 1"
-        ).format(errored_keys, errored_keys)
-        stats["overlap_count"] = _scalar(cur, sql.SQL("select count(*) from ({}) o").format(overlap))
+        stats["overlap_count"] = _scalar(cur, "select count(*) from _cdme_overlap")
         _execute(
             cur,
-            sql.SQL("select source_key from ({}) o order by 1 limit {}").format(
-                overlap, sql.Literal(SAMPLES)
-            ),
+            sql.SQL("select source_key from _cdme_overlap order by 1 limit {}").format(sql.Literal(SAMPLES)),
         )
         stats["overlap_samples"] = [r[0] for r in cur.fetchall()]
         if self.mode == "key_derivable":
@@ -460,6 +465,7 @@ def _fates(
                         "insert into _cdme_fate select distinct {}, target_key, 0 from {} where morphism_id = {}"
                     ).format(sql.Literal(uid), mapped, sql.Literal(m.morphism_id)),
                 )
+            _execute(cur, "analyze _cdme_fate")
             continue
         parts = []
         for m in downstream:
@@ -488,22 +494,27 @@ def _fates(
             continue
         seen.add(source.unique_id)
         source_uid = sql.Literal(source.unique_id)
+        fate_keys = sql.SQL("select k, fate from _cdme_fate where uid = {}").format(source_uid)
         _execute(
             cur,
             sql.SQL(
                 "select count(*) filter (where f.fate = 0), count(*) filter (where f.fate = 1), "
-                "count(*) filter (where f.fate = 2) from _cdme_fate f where f.uid = {} and f.k in ({})"
-            ).format(source_uid, sql.SQL(m.input_sql(epoch))),
+                "count(*) filter (where f.fate = 2) from ({}) i join ({}) f on f.k = i.k"
+            ).format(sql.SQL(m.input_sql(epoch)), fate_keys),
         )
         row = cur.fetchone()
         assert row is not None
         total = m.stats["input"]
+        _execute(cur, "drop table if exists _cdme_source_lost")
         _execute(
             cur,
             sql.SQL(
-                "select i.k from ({}) i where not exists (select 1 from _cdme_fate f "
-                "where f.uid = {} and f.k = i.k and f.fate < 3) order by 1 limit {}"
-            ).format(sql.SQL(m.input_sql(epoch)), source_uid, sql.Literal(SAMPLES)),
+                "create temp table _cdme_source_lost on commit drop as "
+                "select k from ({}) i except select k from _cdme_fate where uid = {} and fate < 3"
+            ).format(sql.SQL(m.input_sql(epoch)), source_uid),
+        )
+        _execute(
+            cur, sql.SQL("select k from _cdme_source_lost order by 1 limit {}").format(sql.Literal(SAMPLES))
         )
         samples = [r[0] for r in cur.fetchall()]
         assert source.key is not None

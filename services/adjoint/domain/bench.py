@@ -1,0 +1,380 @@
+"""How much the adjoint costs: capture against the dbt build, storage, and query latency in SQL and over HTTP.
+
+One epoch of N generated trades is loaded into a fresh database of the configured warehouse and the reference
+project built with `dbt build` (timed, tests included). The run is then captured in each lineage mode (timed;
+ratio capture/build), the full capture's partitions measured (bytes per mapped pair, indexes included), and
+1,000 keys drawn at random (fixed seed) for each query:
+
+- 1-hop backward: an `int_trades_enriched` trade back to `int_trades_active` (`depth=1`);
+- mart-to-raw backward: a `fct_monthly_positions` key back to `raw_trading.trades` (first page of 1,000);
+- impact: one raw trade forward to every model.
+
+"In the database" times the walk query the service runs (one connection, server-side prepared); "over HTTP"
+times the route end to end against the service running under uvicorn in a subprocess (one keep-alive client).
+The figures, goals and machine are written to `benchmarks/results/adjoint.json`; the database is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+from services.adjoint.domain import queries
+from services.adjoint.domain.capture import capture, load_run_ldm, plan_capture
+from services.core.artifacts import load_manifest, load_run_results
+from services.core.dbt import first_failure, run_dbt
+from services.core.errors import DbtError, UsageError
+from services.core.ldm import load_project_config
+from services.core.ldm.config import LineageMode
+from services.core.migrations import migrate
+from services.core.settings import PROJECT_ROOT, CdmeSettings
+from services.core.warehouse import create_warehouse_engine, libpq_url, resolve_warehouse_url
+from services.datagen.trading import GenerateRequest, currency_codes, generate
+
+RESULTS_PATH = PROJECT_ROOT / "benchmarks" / "results" / "adjoint.json"
+EPOCH = date(2026, 11, 20)
+SAMPLES = 1000
+MODES: tuple[LineageMode, ...] = ("full", "summary", "key_derivable")
+# The issue's goals on the development machine.
+GOALS = {
+    "default_mode_capture_ratio": 0.25,
+    "full_mode_capture_ratio": 1.0,
+    "one_hop_db_p99_ms": 1.0,
+    "mart_to_raw_db_p99_ms": 10.0,
+    "mart_to_raw_http_p99_ms": 25.0,
+    "impact_p99_ms": 20.0,
+}
+
+
+def _percentiles(seconds: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(p99 * 1000, 3),
+        "samples": len(ordered),
+    }
+
+
+def _timed(calls: Sequence[Callable[[], object]]) -> dict[str, float]:
+    for call in calls[:20]:
+        call()  # warm the plan cache and the connection
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return _percentiles(times)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Service:
+    """The adjoint service under uvicorn in a subprocess, stopped by its pid."""
+
+    def __init__(self, url: str, home: Path) -> None:
+        self.token = secrets.token_hex(16)
+        self.base_url = f"http://127.0.0.1:{_free_port()}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
+        env |= {
+            "CDME_WAREHOUSE_URL": url,
+            "CDME_AUTH_TOKENS": f"{self.token}=bench:data_engineer",
+            "CDME_HOME": str(home),
+            "CDME_LOG_LEVEL": "WARNING",
+        }
+        port = self.base_url.rsplit(":", 1)[1]
+        self.log = (home / "adjoint.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "services.adjoint.app:app", "--port", port, "--no-access-log"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                msg = (
+                    f"the adjoint service exited with {self.process.returncode} (log: {home / 'adjoint.log'})"
+                )
+                raise UsageError(msg)
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        msg = "the adjoint service did not become ready within 60 s"
+        raise UsageError(msg)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.log.close()
+
+
+def _keys(conn: psycopg.Connection[Any], query: str, rng: random.Random) -> list[str]:
+    found = [r[0] for r in conn.execute(query).fetchall()]
+    if not found:
+        msg = f"no keys to sample: {query}"
+        raise UsageError(msg)
+    return [rng.choice(found) for _ in range(SAMPLES)]
+
+
+def _walk(
+    conn: psycopg.Connection[Any], sql_text: str, base: dict[str, Any], name: str
+) -> Callable[[Any], Callable[[], list[Any]]]:
+    def bind(value: Any) -> Callable[[], list[Any]]:
+        return lambda: conn.execute(sql_text, {**base, name: value}, prepare=True).fetchall()
+
+    return bind
+
+
+def run_adjoint_benchmark(
+    settings: CdmeSettings,
+    trades: int,
+    *,
+    out: Path | None = RESULTS_PATH,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Build, capture and query one epoch of `trades` trades; the figures (see the module docstring).
+
+    Raises:
+        UsageError: `trades` is not positive or the service cannot be started.
+        DbtError: The dbt build failed.
+    """
+    if trades <= 0:
+        msg = f"--trades must be positive, got {trades}"
+        raise UsageError(msg)
+    say = progress or (lambda _line: None)
+    server = resolve_warehouse_url(settings)
+    name = f"cdme_bench_adjoint_{uuid.uuid4().hex[:8]}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with psycopg.connect(libpq_url(server, "postgres"), autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')
+    url = libpq_url(server, name)
+    engine = create_warehouse_engine(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cdme-bench-adjoint-") as scratch:
+            work = Path(scratch)
+            say(f"generating {trades:,} trades into {name}")
+            generate(
+                url,
+                GenerateRequest(trades=trades, epoch=EPOCH, seed=42, counterparties=max(400, trades // 500)),
+                currency_codes(settings.project_dir / "seeds" / "currencies.csv"),
+            )
+            say("dbt build")
+            started = time.perf_counter()
+            invocation = run_dbt(
+                ["build", "--vars", json.dumps({"epoch_date": EPOCH.isoformat()})],
+                project_dir=settings.project_dir,
+                target_path=work / "target",
+                warehouse_url=url,
+                pepper=secrets.token_hex(16),
+            )
+            build_seconds = time.perf_counter() - started
+            if not invocation.succeeded:
+                msg = f"dbt build failed: {first_failure(invocation)}"
+                raise DbtError(msg)
+            manifest = load_manifest(work / "target" / "manifest.json")
+            results = load_run_results(work / "target" / "run_results.json")
+            config = load_project_config(settings.project_dir / "cdme.yml")
+            migrate(engine, "adjoint")
+            captures: dict[str, dict[str, Any]] = {}
+            runs: dict[str, str] = {}
+            for mode in MODES:
+                say(f"capture ({mode})")
+                plan = plan_capture(load_run_ldm(manifest, config, mode), manifest, results)
+                captured = capture(
+                    engine,
+                    str(uuid.uuid4()),
+                    EPOCH,
+                    mode,
+                    plan,
+                    sample_rate=config.defaults.summary_sample_rate,
+                )
+                runs[mode] = captured.run_id
+                captures[mode] = {
+                    "seconds": round(captured.seconds, 3),
+                    "ratio_to_build": round(captured.seconds / build_seconds, 3),
+                    "pairs": captured.pairs,
+                }
+            full = runs["full"]
+            with psycopg.connect(url, autocommit=True) as conn:
+                stored = conn.execute(
+                    "select coalesce(sum(pg_total_relation_size(c.oid)), 0) from pg_inherits i "
+                    "join pg_class c on c.oid = i.inhrelid where i.inhparent = 'cdme_adjoint.mapped'::regclass "
+                    "and c.relname = %s",
+                    (f"mapped_r{uuid.UUID(full).hex}",),
+                ).fetchone()
+                mapped_bytes = int(stored[0]) if stored else 0
+                rng = random.Random(7)
+                one_hop = _keys(
+                    conn,
+                    "select trade_id from intermediate.int_trades_enriched order by md5(trade_id) limit 5000",
+                    rng,
+                )
+                marts = _keys(
+                    conn,
+                    "select month_start || '|' || book || '|' || currency_code from marts.fct_monthly_positions",
+                    rng,
+                )
+                sources = _keys(
+                    conn,
+                    f"select trade_id from raw_trading.trades where epoch_date = date '{EPOCH}' "
+                    "order by md5(trade_id) limit 5000",
+                    rng,
+                )
+                say("queries in the database")
+                with conn.cursor(row_factory=dict_row) as cur:
+                    graph = queries.load_graph(cur, full, None)
+                edges = graph.visible_edges()
+                params = {
+                    "ids": [e.morphism_id for e in edges],
+                    "models": [e.unique_id for e in edges],
+                    "ups": [e.upstream_unique_id for e in edges],
+                    "run": full,
+                    "to": None,
+                    "limit": queries.DEFAULT_LIMIT + 1,
+                    "offset": 0,
+                }
+                enriched = graph.uid_of("int_trades_enriched")
+                monthly = graph.uid_of("fct_monthly_positions")
+                raw = graph.uid_of("raw_trading.trades")
+                hop = _walk(conn, queries._BACKWARD, {**params, "uid": enriched, "depth": 1}, "key")
+                to_raw = _walk(
+                    conn, queries._BACKWARD, {**params, "uid": monthly, "depth": 64, "to": raw}, "key"
+                )
+                impact_params = {k: params[k] for k in ("ids", "models", "ups", "run")}
+                forward = _walk(
+                    conn,
+                    queries._IMPACT,
+                    {**impact_params, "uid": raw, "depth": 64, "sample": 100},
+                    "keys",
+                )
+                in_db = {
+                    "backward_1_hop": _timed([hop(k) for k in one_hop]),
+                    "backward_mart_to_raw": _timed([to_raw(k) for k in marts]),
+                    "impact_1_source_key": _timed([forward([k]) for k in sources]),
+                }
+                rows_mart = [len(to_raw(k)()) for k in marts[:50]]
+                start = time.perf_counter()
+                forward(sources)()
+                impact_all = time.perf_counter() - start
+            say("queries over HTTP")
+            service = _Service(url, work)
+            try:
+                with httpx.Client(
+                    base_url=service.base_url,
+                    headers={"Authorization": f"Bearer {service.token}"},
+                    timeout=60,
+                ) as client:
+
+                    def get(path: str, **params: Any) -> Callable[[], object]:
+                        return lambda: client.get(path, params=params).raise_for_status()
+
+                    def post(path: str, body: dict[str, Any]) -> Callable[[], object]:
+                        return lambda: client.post(path, json=body).raise_for_status()
+
+                    over_http = {
+                        "backward_1_hop": _timed(
+                            [
+                                get(
+                                    f"/backward/int_trades_enriched/{quote(k, safe='')}", depth=1, run_id=full
+                                )
+                                for k in one_hop
+                            ]
+                        ),
+                        "backward_mart_to_raw": _timed(
+                            [
+                                get(
+                                    f"/backward/fct_monthly_positions/{quote(k, safe='')}",
+                                    to="raw_trading.trades",
+                                    run_id=full,
+                                )
+                                for k in marts
+                            ]
+                        ),
+                        "impact_1_source_key": _timed(
+                            [
+                                post("/impact", {"entity": "raw_trading.trades", "keys": [k], "run_id": full})
+                                for k in sources
+                            ]
+                        ),
+                    }
+            finally:
+                service.stop()
+    finally:
+        engine.dispose()
+        with psycopg.connect(libpq_url(server, "postgres"), autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+    default_mode = config.defaults.lineage_mode
+    result: dict[str, Any] = {
+        "benchmark": "adjoint",
+        "trades": trades,
+        "epoch": EPOCH.isoformat(),
+        "dbt_build_seconds": round(build_seconds, 3),
+        "capture": captures,
+        "default_mode": default_mode,
+        "bytes_per_mapped_pair": round(mapped_bytes / max(1, captures["full"]["pairs"]), 1),
+        "mapped_bytes": mapped_bytes,
+        "mart_to_raw_rows_per_key_mean": round(statistics.mean(rows_mart), 1),
+        "impact_1000_source_keys_seconds": round(impact_all, 4),
+        "in_database": in_db,
+        "over_http": over_http,
+    }
+    result["goals"] = _goals(result)
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": load,
+    }
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _goals(result: dict[str, Any]) -> list[dict[str, Any]]:
+    measured = {
+        "default_mode_capture_ratio": result["capture"][result["default_mode"]]["ratio_to_build"],
+        "full_mode_capture_ratio": result["capture"]["full"]["ratio_to_build"],
+        "one_hop_db_p99_ms": result["in_database"]["backward_1_hop"]["p99_ms"],
+        "mart_to_raw_db_p99_ms": result["in_database"]["backward_mart_to_raw"]["p99_ms"],
+        "mart_to_raw_http_p99_ms": result["over_http"]["backward_mart_to_raw"]["p99_ms"],
+        "impact_p99_ms": result["in_database"]["impact_1_source_key"]["p99_ms"],
+    }
+    return [
+        {"goal": goal, "target": target, "measured": measured[goal], "met": measured[goal] <= target}
+        for goal, target in GOALS.items()
+    ]
