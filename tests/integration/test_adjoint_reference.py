@@ -283,6 +283,10 @@ def test_summary_mode_keeps_counts_and_samples_pairs(built: Built, full_run: str
         assert {k: sampled[name][k] for k in ("input", "mapped", "filtered", "errored")} == {
             k: m[k] for k in ("input", "mapped", "filtered", "errored")
         }
+    fates = {s["source"]: s["fates"] for s in queries.partitions(built.engine, full_run)["sources"]}
+    assert {
+        s["source"]: s["fates"] for s in queries.partitions(built.engine, summary.run_id)["sources"]
+    } == fates
 
 
 def test_key_derivable_answers_like_full_until_the_data_changes(built: Built, full_run: str) -> None:
@@ -298,6 +302,8 @@ def test_key_derivable_answers_like_full_until_the_data_changes(built: Built, fu
         return {(c["entity"], c["key"]) for c in answer["contributions"]}
 
     assert keys(derived.run_id) == keys(full_run)
+    sources = {s["source"]: s["fates"] for s in queries.partitions(built.engine, derived.run_id)["sources"]}
+    assert sources == {s["source"]: s["fates"] for s in queries.partitions(built.engine, full_run)["sources"]}
     assert ("raw_trading.trades", trade) in keys(derived.run_id)
     built.rows(
         "update raw_trading.trades set trade_id = trade_id || '-x' where trade_id = %s returning 1", (trade,)

@@ -316,6 +316,11 @@ class _Capture:
                     _part(table, self.run_id), sql.SQL(_columns_of(table))
                 ),
             )
+        _execute(self.cur, "drop table if exists _cdme_all_pairs")
+        _execute(
+            self.cur,
+            "create temp table _cdme_all_pairs (morphism_id integer, source_key text, target_key text) on commit drop",
+        )
 
     def morphism(self, m: Morphism) -> None:
         cur, mid = self.cur, sql.Literal(m.morphism_id)
@@ -336,6 +341,14 @@ class _Capture:
             stored = None
         if stored is not None:
             _execute(cur, sql.SQL("insert into {} {}").format(mapped, stored))
+        if self.mode != "full":
+            # End-to-end fates need every pair, also when the run stores a sample or none of them.
+            _execute(
+                cur,
+                sql.SQL(
+                    "insert into _cdme_all_pairs select {}, source_key, target_key from _cdme_mapped"
+                ).format(mid),
+            )
         if m.sink is not None:
             sink = relation_of(m.sink).sql()
             _execute(
@@ -436,7 +449,7 @@ class _Capture:
 
 
 def _fates(
-    cur: psycopg.Cursor[Any], run_id: str, morphisms: list[Morphism], epoch: date
+    cur: psycopg.Cursor[Any], run_id: str, morphisms: list[Morphism], epoch: date, all_pairs: bool
 ) -> list[dict[str, Any]]:
     """End-to-end fate of every input key of each graph source, computed backward from the graph's outputs.
 
@@ -444,6 +457,9 @@ def _fates(
     keys with none of these are unaccounted. Leaves (models no captured morphism reads) are outputs.
     """
     mapped, filtered, errored = (_part(t, run_id) for t in PARTITIONED)
+    if all_pairs:
+        _execute(cur, "analyze _cdme_all_pairs")
+        mapped = sql.Composed([sql.Identifier("_cdme_all_pairs")])
     _execute(cur, "drop table if exists _cdme_fate")
     _execute(cur, "create temp table _cdme_fate (uid text, k text, fate smallint) on commit drop")
     by_upstream: dict[str, list[Morphism]] = {}
@@ -572,7 +588,7 @@ def capture(
             for m in plan.morphisms:
                 job.morphism(m)
             job.finish()
-            sources = _fates(cur, run_id, plan.morphisms, epoch) if lineage_mode != "key_derivable" else []
+            sources = _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
             pairs = (
                 sum(int(m.stats["pairs"]) for m in plan.morphisms)
                 if lineage_mode == "full"
