@@ -7,6 +7,7 @@ a usage error exits 2; anything unexpected prints one line pointing at a crash l
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections import Counter
@@ -347,6 +348,9 @@ def validate_command(
         typer.Option("--estimate-cost", help="Estimate each model's size from the warehouse's statistics."),
     ] = False,
     output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes analysing models at once (0: one per CPU).")
+    ] = 0,
 ) -> None:
     """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
     if output not in {"json", "text"}:
@@ -379,6 +383,7 @@ def validate_command(
             principal=principal,
             roles=roles,
             stats=_warehouse_stats(settings, parsed) if estimate_cost else None,
+            workers=workers or os.cpu_count() or 1,
         )
     except UsageError:
         raise
