@@ -20,6 +20,7 @@ import psycopg
 import typer
 from sqlalchemy import text
 
+from services.cli.adjoint import backward_command, impact_command, reconcile_command
 from services.cli.bench import bench_app
 from services.core.artifacts import (
     Catalog,
@@ -66,6 +67,9 @@ app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
 app.add_typer(bench_app, name="bench")
+app.command("backward")(backward_command)
+app.command("impact")(impact_command)
+app.command("reconcile")(reconcile_command)
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
