@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -160,7 +160,8 @@ class Deliverer:
         with self._lock:
             while True:
                 batch = self.store.pending(limit=self.batch)
-                if not batch:
+                # Events go out in queue order: while the oldest waits for its retry, everything waits.
+                if not batch or batch[0].next_attempt_at > datetime.now(UTC):
                     return delivered
                 for event in batch:
                     try:

@@ -14,7 +14,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -122,6 +122,7 @@ class PendingEvent:
     event_id: str
     attempts: int
     payload: dict[str, Any]
+    next_attempt_at: datetime
 
 
 _RUN_COLUMNS = [c.name for c in runs.columns]
@@ -152,9 +153,12 @@ class LineageStore:
         try:
             with self.engine.begin() as conn:
                 inserted = conn.execute(
-                    insert(runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"])
-                ).rowcount
-                if not inserted:
+                    insert(runs)
+                    .values(**values)
+                    .on_conflict_do_nothing(index_elements=["run_id"])
+                    .returning(runs.c.run_id)
+                ).first()
+                if inserted is None:
                     return False
                 if ledger is not None and ledger_path is not None:
                     conn.execute(
@@ -238,16 +242,21 @@ class LineageStore:
                 for r in conn.execute(query)
             ]
 
-    def pending(self, *, limit: int, now: datetime | None = None) -> list[PendingEvent]:
-        """Undelivered events due for an attempt, oldest first."""
+    def pending(self, *, limit: int) -> list[PendingEvent]:
+        """Undelivered events, oldest first (each with when it may next be tried)."""
         query = (
-            select(events.c.id, events.c.event_id, events.c.attempts, events.c.payload)
-            .where(events.c.delivered_at.is_(None), events.c.next_attempt_at <= (now or datetime.now(UTC)))
+            select(
+                events.c.id, events.c.event_id, events.c.attempts, events.c.payload, events.c.next_attempt_at
+            )
+            .where(events.c.delivered_at.is_(None))
             .order_by(events.c.id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [PendingEvent(r.id, r.event_id, r.attempts, r.payload) for r in conn.execute(query)]
+            return [
+                PendingEvent(r.id, r.event_id, r.attempts, r.payload, r.next_attempt_at)
+                for r in conn.execute(query)
+            ]
 
     def pending_count(self) -> int:
         """How many events wait for delivery."""
