@@ -240,7 +240,9 @@ class Finalizer:
         partitions = self.fetch_partitions(request.run_id)
         if partitions is not None and partitions.run_id != request.run_id:
             partitions = None
-        built = self.build(request, directory, manifest, results, catalog, partitions)
+        built = build_run(
+            self.settings, self.dataset_namespace, request, directory, manifest, results, catalog, partitions
+        )
         self.store.save_run(*built)
         # Delivery is retried by the background loop: a failure here must not change finalize's answer.
         with contextlib.suppress(Exception):
@@ -248,88 +250,86 @@ class Finalizer:
         stored = self.store.run(request.run_id)
         return self.response(stored if stored is not None else built[0])
 
-    def build(
-        self,
-        request: FinalizeInput,
-        directory: Path,
-        manifest: Manifest | None,
-        results: RunResults | None,
-        catalog: Catalog | None,
-        partitions: Partitions | None,
-    ) -> tuple[RunRecord, dict[str, Any] | None, str | None, list[dict[str, Any]]]:
-        """Everything finalize records, from artifacts and partitions already at hand (no fetch, no I/O but files).
 
-        Returns:
-            The run record, the ledger, its path and the events.
-        """
-        versions = collect_versions(directory, manifest, self.settings.project_dir)
-        ledger = build_ledger(partitions, versions=versions, epoch=request.epoch) if partitions else None
-        dbt_error = request.dbt_error
-        if request.dbt_succeeded and results is not None:
-            failed = [r for r in results.results if r.status in {"error", "fail", "runtime error"}]
-            if failed:
-                dbt_error = f"{failed[0].unique_id}: {failed[0].message or failed[0].status}"
-        succeeded = request.dbt_succeeded and dbt_error is None
-        status, reason = gate(ledger, dbt_succeeded=succeeded, dbt_error=dbt_error)
-        ledger_path: str | None = None
-        if ledger is not None:
-            ledger["run"] = {
-                "status": status,
-                "reason": reason,
-                "dbt_status": "success" if succeeded else "error",
-            }
-            ledger_path = str(directory / "ledger.json")
-            write_json_atomically(Path(ledger_path), ledger)
-        schemas = (
-            project_schemas(manifest, catalog=catalog, project_dir=self.settings.project_dir)
-            if manifest
-            else {}
-        )
-        columns = project_column_lineage(manifest, schemas=schemas) if manifest else {}
-        times = [
-            t
-            for step in request.trace
-            for t in (_parse_time(step.get("started_at")), _parse_time(step.get("ended_at")))
-            if t
-        ]
-        ended = max(times) if times else (results.metadata.generated_at if results else None)
-        context = RunContext(
-            run_id=request.run_id,
-            project=request.project or (manifest.metadata.project_name if manifest else None) or "dbt",
-            target=request.target or self.settings.dbt_target,
-            job_namespace=self.settings.openlineage_namespace,
-            dataset_namespace=self.dataset_namespace,
-            manifest=manifest,
-            run_results=results,
-            catalog=catalog,
-            partitions=partitions,
-            ledger=ledger,
-            ledger_path=ledger_path,
-            status=status,
-            reason=reason,
-            epoch=request.epoch or (partitions.epoch if partitions else None),
-            column_lineage=columns,
-            schemas=schemas,
-            started_at=min(times) if times else None,
-            ended_at=ended,
-        )
-        events = build_events(context)
-        record = RunRecord(
-            run_id=request.run_id,
-            epoch=context.epoch,
-            project=context.project,
-            target=context.target,
-            status=status,
-            reason=reason,
-            dbt_status="success" if succeeded else "error",
-            artifact_dir=str(directory),
-            validation_report_id=request.validation_report_id,
-            trace=request.trace,
-            versions=versions,
-            lineage=lineage_graph(manifest, columns, self.dataset_namespace),
-            telemetry=telemetry(partitions, results, manifest),
-        )
-        return record, ledger, ledger_path, events
+def build_run(
+    settings: CdmeSettings,
+    dataset_namespace: str,
+    request: FinalizeInput,
+    directory: Path,
+    manifest: Manifest | None,
+    results: RunResults | None,
+    catalog: Catalog | None,
+    partitions: Partitions | None,
+) -> tuple[RunRecord, dict[str, Any] | None, str | None, list[dict[str, Any]]]:
+    """Everything finalize records, from artifacts and partitions already at hand (no fetch, no database).
+
+    Returns:
+        The run record, the ledger, its path and the events.
+    """
+    versions = collect_versions(directory, manifest, settings.project_dir)
+    ledger = build_ledger(partitions, versions=versions, epoch=request.epoch) if partitions else None
+    dbt_error = request.dbt_error
+    if request.dbt_succeeded and results is not None:
+        failed = [r for r in results.results if r.status in {"error", "fail", "runtime error"}]
+        if failed:
+            dbt_error = f"{failed[0].unique_id}: {failed[0].message or failed[0].status}"
+    succeeded = request.dbt_succeeded and dbt_error is None
+    status, reason = gate(ledger, dbt_succeeded=succeeded, dbt_error=dbt_error)
+    ledger_path: str | None = None
+    if ledger is not None:
+        ledger["run"] = {
+            "status": status,
+            "reason": reason,
+            "dbt_status": "success" if succeeded else "error",
+        }
+        ledger_path = str(directory / "ledger.json")
+        write_json_atomically(Path(ledger_path), ledger)
+    schemas = project_schemas(manifest, catalog=catalog, project_dir=settings.project_dir) if manifest else {}
+    columns = project_column_lineage(manifest, schemas=schemas) if manifest else {}
+    times = [
+        t
+        for step in request.trace
+        for t in (_parse_time(step.get("started_at")), _parse_time(step.get("ended_at")))
+        if t
+    ]
+    ended = max(times) if times else (results.metadata.generated_at if results else None)
+    context = RunContext(
+        run_id=request.run_id,
+        project=request.project or (manifest.metadata.project_name if manifest else None) or "dbt",
+        target=request.target or settings.dbt_target,
+        job_namespace=settings.openlineage_namespace,
+        dataset_namespace=dataset_namespace,
+        manifest=manifest,
+        run_results=results,
+        catalog=catalog,
+        partitions=partitions,
+        ledger=ledger,
+        ledger_path=ledger_path,
+        status=status,
+        reason=reason,
+        epoch=request.epoch or (partitions.epoch if partitions else None),
+        column_lineage=columns,
+        schemas=schemas,
+        started_at=min(times) if times else None,
+        ended_at=ended,
+    )
+    events = build_events(context)
+    record = RunRecord(
+        run_id=request.run_id,
+        epoch=context.epoch,
+        project=context.project,
+        target=context.target,
+        status=status,
+        reason=reason,
+        dbt_status="success" if succeeded else "error",
+        artifact_dir=str(directory),
+        validation_report_id=request.validation_report_id,
+        trace=request.trace,
+        versions=versions,
+        lineage=lineage_graph(manifest, columns, dataset_namespace),
+        telemetry=telemetry(partitions, results, manifest),
+    )
+    return record, ledger, ledger_path, events
 
 
 def telemetry(
