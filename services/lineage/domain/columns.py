@@ -129,6 +129,12 @@ class _Tracer:
             return found
         projection = self.projection(scope, name)
         if projection is None:
+            # `select *` over a relation of unknown columns stays unexpanded: the name passes through it.
+            selects = scope.expression.selects if isinstance(scope.expression, exp.Query) else []
+            star = any(isinstance(s, exp.Star) or (isinstance(s, exp.Column) and s.is_star) for s in selects)
+            if star and len(scope.sources) == 1:
+                alias = next(iter(scope.sources))
+                return self.trace_column(scope, exp.column(name, table=alias), subtype, masking, depth)
             return []
         here = _subtype(projection)
         combined = here if _RANK[here] > _RANK[subtype] else subtype
