@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,8 @@ _FACET_VERSIONS = {
     "SchemaDatasetFacet": "1-2-0",
     "TagsDatasetFacet": "1-0-0",
     "TagsJobFacet": "1-0-0",
+    "TagsRunFacet": "1-0-0",
+    "TestRunFacet": "1-0-1",
 }
 _JOB_TYPES = {"model": "MODEL", "seed": "SEED", "snapshot": "SNAPSHOT", "test": "TEST"}
 _SUCCESS = frozenset({"success", "pass", "warn"})
@@ -118,6 +121,13 @@ class _Builder:
         self.by_source = {s.unique_id: s for s in ctx.partitions.sources} if ctx.partitions else {}
         self.results = ctx.run_results.by_id() if ctx.run_results else {}
         self.dialect = (ctx.manifest.metadata.adapter_type if ctx.manifest else None) or "postgres"
+        self.exposures: dict[str, list[dict[str, Any]]] = {}
+        for exposure in ctx.manifest.exposures.values() if ctx.manifest else []:
+            for upstream in exposure.depends_on.nodes:
+                item = {"unique_id": exposure.unique_id, "name": exposure.name}
+                if exposure.type:
+                    item["type"] = exposure.type
+                self.exposures.setdefault(upstream, []).append(item)
 
     # -- naming ----------------------------------------------------------------------------------------------
 
@@ -235,6 +245,19 @@ class _Builder:
 
     def output_dataset(self, node: ManifestNode, result: NodeResult | None) -> dict[str, Any]:
         facets = self.dataset_facets(node, rich=True)
+        config = {
+            "materialized": node.config.materialized,
+            "access": node.config.access or node.access,
+            "incremental_strategy": node.config.incremental_strategy,
+            "unique_key": node.config.unique_key or None,
+        }
+        if any(config.values()):
+            facets["dbt_model"] = cdme_facet(
+                "DbtModelDatasetFacet", config={k: v for k, v in config.items() if v}
+            )
+        exposures = self.exposures.get(node.unique_id)
+        if exposures:
+            facets["dbt_exposures"] = cdme_facet("DbtExposuresDatasetFacet", exposures=exposures)
         lineage = self.ctx.column_lineage.get(node.unique_id)
         if lineage is not None and lineage.error is None and (lineage.fields or lineage.dataset):
             facets["columnLineage"] = self.column_lineage_facet(lineage)
@@ -315,6 +338,14 @@ class _Builder:
         req = _req(node)
         if req:
             facets["cdme_requirements"] = cdme_facet("CdmeRequirementsJobFacet", req=req)
+        facets["dbt_node"] = cdme_facet(
+            "DbtNodeJobFacet",
+            original_file_path=node.original_file_path or None,
+            database=node.database,
+            schema=node.schema_,
+            alias=node.alias,
+            unique_id=node.unique_id,
+        )
         return {"namespace": self.ctx.job_namespace, "name": node.unique_id, "facets": facets}
 
     def engine_facet(self) -> dict[str, Any]:
@@ -327,6 +358,42 @@ class _Builder:
             version=dbt_version or "unknown",
             openlineageAdapterVersion=cdme_version(),
         )
+
+    def dbt_version_facet(self) -> dict[str, Any]:
+        version = self.manifest.metadata.dbt_version if self.manifest else None
+        return cdme_facet("DbtVersionRunFacet", version=version or "unknown")
+
+    @staticmethod
+    def tags_run_facet(node: ManifestNode) -> dict[str, Any] | None:
+        tags = [{"key": t, "value": "true", "source": "DBT"} for t in _tags(node)]
+        for key, value in {**node.meta, **node.config.meta}.items():
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+            tags.append({"key": key, "value": text, "source": "DBT_META"})
+        return facet("TagsRunFacet", tags=tags) if tags else None
+
+    @staticmethod
+    def test_run_facet(
+        node: ManifestNode, result: NodeResult, assertion: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        execution: dict[str, Any] = {
+            "name": node.unique_id,
+            "status": "pass"
+            if result.status in {"pass", "warn"}
+            else ("skip" if result.status == "skipped" else "fail"),
+            "severity": (node.config.severity or "error").lower(),
+            "type": node.test_metadata.name if node.test_metadata else "singular",
+            "contentType": "sql",
+        }
+        if result.failures is not None:
+            execution["actual"] = str(result.failures)
+            execution["expected"] = "0"
+        if node.compiled_code:
+            execution["content"] = node.compiled_code
+        if assertion is not None and "params" in assertion:
+            execution["params"] = assertion["params"]
+        if node.description:
+            execution["description"] = node.description
+        return facet("TestRunFacet", tests=[execution])
 
     def accounting_facet(self, node: ManifestNode, result: NodeResult | None) -> dict[str, Any] | None:
         morphism = self.by_morphism.get(node.unique_id)
@@ -417,12 +484,21 @@ class _Builder:
         else:
             final = "FAIL"
         run_id = node_run_id(self.ctx.run_id, node.unique_id)
-        base_facets = {"parent": self.parent_facet(), "processing_engine": self.engine_facet()}
+        base_facets = {
+            "parent": self.parent_facet(),
+            "processing_engine": self.engine_facet(),
+            "dbt_version": self.dbt_version_facet(),
+        }
+        tags = self.tags_run_facet(node)
+        if tags is not None:
+            base_facets["tags"] = tags
         job = self.job(node)
         inputs: list[dict[str, Any]] = []
         outputs: list[dict[str, Any]] = []
         if node.resource_type == "test":
             inputs = self.test_inputs(node, result)
+            assertion = inputs[0]["inputFacets"]["dataQualityAssertions"]["assertions"][0] if inputs else None
+            end_test = self.test_run_facet(node, result, assertion)
         else:
             attached = (
                 self.input_dataset(node.unique_id, uid) for uid in dict.fromkeys(node.depends_on.nodes)
@@ -430,6 +506,8 @@ class _Builder:
             inputs = [d for d in attached if d is not None]
             outputs = [self.output_dataset(node, result)]
         end_facets = dict(base_facets)
+        if node.resource_type == "test":
+            end_facets["test"] = end_test
         if final == "FAIL":
             end_facets["errorMessage"] = facet(
                 "ErrorMessageRunFacet",
