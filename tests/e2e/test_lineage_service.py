@@ -22,6 +22,8 @@ pytestmark = pytest.mark.integration
 class LineageService(Service):
     """`uvicorn services.lineage.app:app`, with its runs directory and a file transport under its home."""
 
+    validation_url = "http://127.0.0.1:1"
+
     def start(self, timeout: float = 30) -> None:
         import os
         import subprocess
@@ -38,6 +40,8 @@ class LineageService(Service):
             # Nothing listens there: a run whose dbt failed is recorded without the adjoint.
             "CDME_ADJOINT_URL": f"http://127.0.0.1:{_free_port()}",
             "CDME_HTTP_RETRIES": "0",
+            "CDME_VALIDATION_URL": self.validation_url,
+            "CDME_SERVICE_TOKEN": "test-token",
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -69,10 +73,23 @@ class LineageService(Service):
 
 
 @pytest.fixture(scope="module")
-def service(
+def validation(
     new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    running = Service(new_database(), tmp_path_factory.mktemp("validation-service"))
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def service(
+    new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory, validation: Service
 ) -> Iterator[LineageService]:
     running = LineageService(new_database(), tmp_path_factory.mktemp("lineage-service"))
+    running.validation_url = validation.base_url
     try:
         running.start()
         yield running
@@ -162,3 +179,19 @@ def test_bad_requests_get_problems(service: LineageService) -> None:
         ok = _body(directory, dbt={"status": "success"})
         _assert_problem(api.post(f"/runs/{run_id}/finalize", json=ok), 502)
         assert api.get(f"/runs/{run_id}/events").status_code == 404
+
+
+def test_the_proof_bundle_carries_the_validation_report(service: LineageService, validation: Service) -> None:
+    run_id, directory = _run_dir(service)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    with validation.client(AUTH) as client:
+        created = client.post("/validate", json={"manifest": manifest})
+        assert created.status_code == 201, created.text
+        report_id = created.json()["id"]
+    with service.client(AUTH) as api:
+        body = _body(directory, validation_report_id=report_id)
+        assert api.post(f"/runs/{run_id}/finalize", json=body).status_code == 200
+        proof = api.get(f"/runs/{run_id}/proof").json()
+        assert proof["validation_report"]["id"] == report_id
+        assert proof["lineage"]["nodes"] and proof["status"] == "FAILED"
+        assert "cdme_lineage_requests" in httpx.get(f"{service.base_url}/metrics").text

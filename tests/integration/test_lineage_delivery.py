@@ -122,3 +122,23 @@ def test_a_collector_down_for_a_while_gets_every_event_exactly_once(
     assert received == [(e["run"]["runId"], e["eventType"], e["eventTime"]) for e in events]  # in queue order
     attempts = [row["attempts"] for row in store.events_of(run_id)]
     assert attempts[0] > 1 and all(a >= 1 for a in attempts)
+
+
+def test_the_migrated_schema_matches_the_store_tables(new_database: Callable[[], str]) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from services.lineage import store
+
+    engine = create_warehouse_engine(new_database(), pool_size=1)
+    try:
+        assert migrate(engine, "lineage") == "0001"
+        assert migrate(engine, "lineage") == "0001"
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"include_schemas": True, "version_table_schema": store.SCHEMA}
+            )
+            differences = compare_metadata(context, store.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
