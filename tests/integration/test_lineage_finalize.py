@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
+from services.core.dbt import first_failure, run_dbt
 from services.core.migrations import migrate
 from services.core.settings import CdmeSettings
 from services.core.warehouse import create_warehouse_engine
@@ -29,7 +30,8 @@ from services.lineage.domain.partitions import parse_partitions
 from services.lineage.domain.spec import EventValidator
 from services.lineage.finalize import FinalizeInput, Finalizer
 from services.lineage.store import LineageStore
-from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES, FIRST_EPOCH, SEED, _dbt
+from tests.conftest import PROJECT_DIR
+from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES, FIRST_EPOCH, SEED
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +58,40 @@ class Built:
         return directory
 
 
-@pytest.fixture(scope="module")
-def built(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Built:
-    url = new_database()
+def _build(url: str, tmp_path_factory: pytest.TempPathFactory, project_dir: Path = PROJECT_DIR) -> Built:
     generate(
         url,
         GenerateRequest(trades=4000, epoch=FIRST_EPOCH, seed=SEED, counterparties=COUNTERPARTIES),
         CURRENCIES,
     )
     target = tmp_path_factory.mktemp("lineage-build")
-    invocation = _dbt(
-        url, target, ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})], secrets.token_hex(16)
+    invocation = run_dbt(
+        ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})],
+        project_dir=project_dir,
+        target_path=target,
+        warehouse_url=url,
+        pepper=secrets.token_hex(16),
     )
-    assert invocation.succeeded
+    # A faulty project may fail a dbt test (the drop is silent to the models, not always to the tests).
+    assert (target / "run_results.json").exists(), first_failure(invocation)
     return Built(url, target, tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def built(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return _build(new_database(), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def inner_join_drop(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The reference project with the currency lookup turned into an inner join: unknown currencies vanish."""
+    project = tmp_path_factory.mktemp("faulty") / "dbt_project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    macro = project / "macros" / "trade_enrichment.sql"
+    text = macro.read_text()
+    assert "left join {{ ref('currencies') }}" in text
+    macro.write_text(text.replace("left join {{ ref('currencies') }}", "join {{ ref('currencies') }}"))
+    return _build(new_database(), tmp_path_factory, project)
 
 
 def _keys(built: Built, sql: str) -> list[str]:
@@ -306,3 +328,27 @@ def test_an_artifact_dir_outside_the_runs_directory_is_refused(lineage: Any, tmp
     finalizer = lineage[0]
     with pytest.raises(UsageError, match="inside the runs directory"):
         _finalize(finalizer, tmp_path, str(uuid.uuid4()))
+
+
+def test_a_silent_inner_join_drop_is_unbalanced_with_the_dropped_keys(
+    inner_join_drop: Built, lineage: Any
+) -> None:
+    finalizer, _store, events_file, documents = lineage
+    finalizer.settings = finalizer.settings.model_copy(update={"runs_dir": inner_join_drop.runs})
+    dropped = _keys(
+        inner_join_drop,
+        "select trade_id from intermediate.int_trades_active where currency_code not in "
+        "(select currency_code from raw_reference.currencies) order by trade_id",
+    )
+    assert dropped, "the generated epoch has trades in unknown currencies"
+    run_id = str(uuid.uuid4())
+    documents[run_id] = partitions_from_warehouse(inner_join_drop, run_id)
+    result = _finalize(finalizer, inner_join_drop.run_dir(run_id), run_id)
+    assert result["status"] == "FAILED" and result["ledger"]["status"] == "UNBALANCED"
+    ledger = json.loads(Path(result["ledger"]["path"]).read_text())
+    by_check = {d["check"]: d for d in ledger["discrepancies"] if d["model"] == "int_trades_enriched"}
+    assert by_check["completeness"]["count"] == by_check["conservation"]["count"] == len(dropped)
+    assert by_check["completeness"]["sample_keys"] == dropped[:10]
+    last = json.loads(events_file.read_text().splitlines()[-1])
+    assert last["eventType"] == "FAIL"
+    assert "int_trades_enriched" in last["run"]["facets"]["errorMessage"]["message"]
