@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,55 +16,38 @@ from typing import Any
 import httpx
 import pytest
 
+from services.core.settings import PROJECT_ROOT
 from tests.conftest import RESEARCH_DATA
 from tests.e2e.test_validation_service import AUTH, Service, _assert_problem, _free_port
 
 pytestmark = pytest.mark.integration
 
 
-class LineageService(Service):
-    """`uvicorn services.lineage.app:app`, with its runs directory and a file transport under its home."""
+class AppService(Service):
+    """`uvicorn <app>` with extra environment, started and stopped by pid like the validation service."""
 
-    validation_url = "http://127.0.0.1:1"
+    def __init__(self, database_url: str, home: Path, app: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(database_url, home)
+        self.app = app
+        self.env = env or {}
 
-    def start(self, timeout: float = 30) -> None:
-        import os
-        import subprocess
-        import sys
-
-        from services.core.settings import PROJECT_ROOT
-
+    def start(self, timeout: float = 60) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": "test-token=tester:data_engineer",
+            "CDME_AUTH_TOKENS": "test-token=tester:data_engineer,service",
             "CDME_HOME": str(self.home),
-            "CDME_RUNS_DIR": str(self.home / "runs"),
-            # Nothing listens there: a run whose dbt failed is recorded without the adjoint.
-            "CDME_ADJOINT_URL": f"http://127.0.0.1:{_free_port()}",
-            "CDME_HTTP_RETRIES": "0",
-            "CDME_VALIDATION_URL": self.validation_url,
-            "CDME_SERVICE_TOKEN": "test-token",
+            **self.env,
         }
+        command = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "services.lineage.app:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                command, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"{self.app} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
                     return
@@ -69,7 +55,23 @@ class LineageService(Service):
                 pass
             time.sleep(0.2)
         self.stop()
-        pytest.fail(f"the lineage service did not become ready:\n{self.log_tail()}")
+        pytest.fail(f"{self.app} did not become ready:\n{self.log_tail()}")
+
+
+def lineage_service(database_url: str, home: Path, adjoint_url: str, validation_url: str) -> AppService:
+    """The lineage service with its runs directory under `home` and the file transport (the default)."""
+    return AppService(
+        database_url,
+        home,
+        "services.lineage.app:app",
+        {
+            "CDME_RUNS_DIR": str(home / "runs"),
+            "CDME_ADJOINT_URL": adjoint_url,
+            "CDME_VALIDATION_URL": validation_url,
+            "CDME_SERVICE_TOKEN": "test-token",
+            "CDME_HTTP_RETRIES": "0",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +89,14 @@ def validation(
 @pytest.fixture(scope="module")
 def service(
     new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory, validation: Service
-) -> Iterator[LineageService]:
-    running = LineageService(new_database(), tmp_path_factory.mktemp("lineage-service"))
-    running.validation_url = validation.base_url
+) -> Iterator[AppService]:
+    # Nothing listens on the adjoint's port: a run whose dbt failed is recorded without the adjoint.
+    running = lineage_service(
+        new_database(),
+        tmp_path_factory.mktemp("lineage-service"),
+        f"http://127.0.0.1:{_free_port()}",
+        validation.base_url,
+    )
     try:
         running.start()
         yield running
@@ -97,7 +104,7 @@ def service(
         running.stop()
 
 
-def _run_dir(service: LineageService) -> tuple[str, Path]:
+def _run_dir(service: AppService) -> tuple[str, Path]:
     run_id = str(uuid.uuid4())
     directory = service.home / "runs" / run_id
     directory.mkdir(parents=True)
@@ -129,7 +136,7 @@ def _body(directory: Path, **extra: Any) -> dict[str, Any]:
 
 
 def test_a_failed_dbt_run_is_finalized_failed_with_its_fail_event_and_queryable(
-    service: LineageService,
+    service: AppService,
 ) -> None:
     run_id, directory = _run_dir(service)
     with service.client(AUTH) as api:
@@ -166,7 +173,7 @@ def test_a_failed_dbt_run_is_finalized_failed_with_its_fail_event_and_queryable(
     ]
 
 
-def test_bad_requests_get_problems(service: LineageService) -> None:
+def test_bad_requests_get_problems(service: AppService) -> None:
     run_id, directory = _run_dir(service)
     assert httpx.post(f"{service.base_url}/runs/{run_id}/finalize", json=_body(directory)).status_code == 401
     with service.client(AUTH) as api:
@@ -181,7 +188,7 @@ def test_bad_requests_get_problems(service: LineageService) -> None:
         assert api.get(f"/runs/{run_id}/events").status_code == 404
 
 
-def test_the_proof_bundle_carries_the_validation_report(service: LineageService, validation: Service) -> None:
+def test_the_proof_bundle_carries_the_validation_report(service: AppService, validation: Service) -> None:
     run_id, directory = _run_dir(service)
     manifest = json.loads((directory / "manifest.json").read_text())
     with validation.client(AUTH) as client:

@@ -1,7 +1,8 @@
 """Finalize on a real dbt build of the reference project, with partitions derived from the warehouse's rows.
 
-Until the adjoint service exists, the partitions document is computed here with SQL over the tables dbt built
-(the same shape as `GET /runs/{run_id}/partitions`); the faults are real changes to those tables.
+The partitions document is computed here with SQL over the tables dbt built (the shape of the adjoint's
+`GET /runs/{run_id}/partitions`), so the ledger, gate and events are checked without the adjoint service;
+`tests/e2e/test_lineage_adjoint.py` runs both services.
 """
 
 from __future__ import annotations
@@ -80,18 +81,6 @@ def _build(url: str, tmp_path_factory: pytest.TempPathFactory, project_dir: Path
 @pytest.fixture(scope="module")
 def built(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Built:
     return _build(new_database(), tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def inner_join_drop(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """The reference project with the currency lookup turned into an inner join: unknown currencies vanish."""
-    project = tmp_path_factory.mktemp("faulty") / "dbt_project"
-    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
-    macro = project / "macros" / "trade_enrichment.sql"
-    text = macro.read_text()
-    assert "left join {{ ref('currencies') }}" in text
-    macro.write_text(text.replace("left join {{ ref('currencies') }}", "join {{ ref('currencies') }}"))
-    return _build(new_database(), tmp_path_factory, project)
 
 
 def _keys(built: Built, sql: str) -> list[str]:
@@ -328,27 +317,3 @@ def test_an_artifact_dir_outside_the_runs_directory_is_refused(lineage: Any, tmp
     finalizer = lineage[0]
     with pytest.raises(UsageError, match="inside the runs directory"):
         _finalize(finalizer, tmp_path, str(uuid.uuid4()))
-
-
-def test_a_silent_inner_join_drop_is_unbalanced_with_the_dropped_keys(
-    inner_join_drop: Built, lineage: Any
-) -> None:
-    finalizer, _store, events_file, documents = lineage
-    finalizer.settings = finalizer.settings.model_copy(update={"runs_dir": inner_join_drop.runs})
-    dropped = _keys(
-        inner_join_drop,
-        "select trade_id from intermediate.int_trades_active where currency_code not in "
-        "(select currency_code from raw_reference.currencies) order by trade_id",
-    )
-    assert dropped, "the generated epoch has trades in unknown currencies"
-    run_id = str(uuid.uuid4())
-    documents[run_id] = partitions_from_warehouse(inner_join_drop, run_id)
-    result = _finalize(finalizer, inner_join_drop.run_dir(run_id), run_id)
-    assert result["status"] == "FAILED" and result["ledger"]["status"] == "UNBALANCED"
-    ledger = json.loads(Path(result["ledger"]["path"]).read_text())
-    by_check = {d["check"]: d for d in ledger["discrepancies"] if d["model"] == "int_trades_enriched"}
-    assert by_check["completeness"]["count"] == by_check["conservation"]["count"] == len(dropped)
-    assert by_check["completeness"]["sample_keys"] == dropped[:10]
-    last = json.loads(events_file.read_text().splitlines()[-1])
-    assert last["eventType"] == "FAIL"
-    assert "int_trades_enriched" in last["run"]["facets"]["errorMessage"]["message"]
