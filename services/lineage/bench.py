@@ -17,19 +17,26 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from psycopg import sql
+
 from services.core.artifacts import Manifest, RunResults, load_manifest, load_run_results, parse_run_results
+from services.core.migrations import migrate
 from services.core.settings import PROJECT_ROOT, CdmeSettings
+from services.core.warehouse import create_warehouse_engine, libpq_url
 from services.lineage.domain.columns import project_column_lineage
 from services.lineage.domain.events import RunContext, build_events
 from services.lineage.domain.partitions import parse_partitions
 from services.lineage.domain.spec import EventValidator
 from services.lineage.finalize import FinalizeInput, build_run
+from services.lineage.store import LineageStore
 from services.validation.domain.analysis import project_schemas
 
 RESULTS_PATH = PROJECT_ROOT / "benchmarks" / "results" / "lineage.json"
@@ -182,8 +189,12 @@ def _median_time(
     return result, statistics.median(times)
 
 
-def _finalize_case(artifacts: Path, trades: int) -> dict[str, Any]:
-    """Finalize's own work for a run of `trades` trades on the reference project's artifacts."""
+def _finalize_case(artifacts: Path, trades: int, warehouse_url: str | None) -> dict[str, Any]:
+    """Finalize's own work for a run of `trades` trades on the reference project's artifacts.
+
+    With a warehouse, the run, ledger and events are also inserted (into a scratch database); the partitions
+    query, which the adjoint service runs, is not part of it.
+    """
     manifest = load_manifest(artifacts / "manifest.json")
     results = load_run_results(artifacts / "run_results.json")
     cancelled, errored = trades * 29 // 1000, trades * 17 // 1000
@@ -224,23 +235,26 @@ def _finalize_case(artifacts: Path, trades: int) -> dict[str, Any]:
             }
         ],
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _scratch_store(warehouse_url) as store:
         settings = CdmeSettings(home=Path(tmp), runs_dir=Path(tmp))
         times = []
         events = 0
         for _ in range(3):
+            run_id = str(uuid.uuid4())
             started = time.perf_counter()
-            partitions = parse_partitions(document)
-            record, ledger, _path, built = build_run(
+            partitions = parse_partitions({**document, "run_id": run_id})
+            record, ledger, path, built = build_run(
                 settings,
                 NAMESPACE,
-                FinalizeInput(run_id=_RUN_ID, artifact_dir=Path(tmp), dbt_succeeded=True),
+                FinalizeInput(run_id=run_id, artifact_dir=Path(tmp), dbt_succeeded=True),
                 Path(tmp),
                 manifest,
                 results,
                 None,
                 partitions,
             )
+            if store is not None:
+                store.save_run(record, ledger, path, built)
             times.append(time.perf_counter() - started)
             events = len(built)
         assert ledger is not None and record.status == "COMPLETE"
@@ -248,8 +262,31 @@ def _finalize_case(artifacts: Path, trades: int) -> dict[str, Any]:
         "trades": trades,
         "median_seconds": round(statistics.median(times), 4),
         "events": events,
+        "includes_database_insert": store is not None,
         "goal_seconds": 2.0,
     }
+
+
+@contextmanager
+def _scratch_store(warehouse_url: str | None) -> Iterator[LineageStore | None]:
+    """A lineage store in a database created for the benchmark on the warehouse's server, dropped afterwards."""
+    if warehouse_url is None:
+        yield None
+        return
+    import psycopg
+
+    name = f"cdme_bench_lineage_{uuid.uuid4().hex[:8]}"
+    admin = libpq_url(warehouse_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    engine = create_warehouse_engine(libpq_url(warehouse_url, name), pool_size=1)
+    try:
+        migrate(engine, "lineage")
+        yield LineageStore(engine)
+    finally:
+        engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 def latest_build_artifacts(settings: CdmeSettings) -> Path | None:
@@ -261,12 +298,15 @@ def latest_build_artifacts(settings: CdmeSettings) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def run_lineage_benchmark(artifacts: Path | None, repeat: int = 3) -> dict[str, Any]:
+def run_lineage_benchmark(
+    artifacts: Path | None, repeat: int = 3, warehouse_url: str | None = None
+) -> dict[str, Any]:
     """Run every case and write `benchmarks/results/lineage.json`.
 
     Args:
         artifacts: The reference project's build artifacts (`cdme build` writes them), if any.
         repeat: Runs per producer and case; the median time is reported.
+        warehouse_url: A PostgreSQL server on which finalize's inserts are timed too (in a scratch database).
 
     Returns:
         The figures (also written to `RESULTS_PATH`).
@@ -300,7 +340,7 @@ def run_lineage_benchmark(artifacts: Path | None, repeat: int = 3) -> dict[str, 
         "repeat": repeat,
         "openlineage_integration_common": version("openlineage-integration-common"),
         "cases": cases,
-        "finalize": _finalize_case(artifacts, 1_000_000) if artifacts is not None else None,
+        "finalize": _finalize_case(artifacts, 1_000_000, warehouse_url) if artifacts is not None else None,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
     }
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
