@@ -28,7 +28,6 @@ from typing import Any
 from psycopg import sql
 
 from services.core.artifacts import Manifest, RunResults, load_manifest, load_run_results, parse_run_results
-from services.core.migrations import migrate
 from services.core.settings import PROJECT_ROOT, CdmeSettings
 from services.core.warehouse import create_warehouse_engine, libpq_url
 from services.lineage.domain.columns import project_column_lineage
@@ -274,6 +273,8 @@ def _scratch_store(warehouse_url: str | None) -> Iterator[LineageStore | None]:
         yield None
         return
     import psycopg
+
+    from services.core.migrations import migrate
 
     name = f"cdme_bench_lineage_{uuid.uuid4().hex[:8]}"
     admin = libpq_url(warehouse_url, "postgres")
