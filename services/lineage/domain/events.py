@@ -30,6 +30,7 @@ from typing import Any
 from services.core.artifacts import Catalog, Manifest, ManifestNode, NodeResult, RunResults, SourceDefinition
 from services.lineage.domain.columns import ModelLineage
 from services.lineage.domain.partitions import Partitions
+from services.lineage.domain.versions import cdme_version
 from services.validation.domain.analysis import RelationSchema
 
 PRODUCER = "https://github.com/cdme/cdme/tree/main/services/lineage"
@@ -349,8 +350,6 @@ class _Builder:
         return {"namespace": self.ctx.job_namespace, "name": node.unique_id, "facets": facets}
 
     def engine_facet(self) -> dict[str, Any]:
-        from services.lineage.domain.versions import cdme_version
-
         dbt_version = self.manifest.metadata.dbt_version if self.manifest else None
         return facet(
             "ProcessingEngineRunFacet",

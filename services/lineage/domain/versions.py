@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def _project_version(project_dir: Path) -> str | None:
     return str(value) if value is not None else None
 
 
+@lru_cache(maxsize=1)
 def cdme_version() -> str:
     """The installed CDME distribution's version ("unknown" when run from a tree that is not installed)."""
     try:
