@@ -154,11 +154,11 @@ class Deliverer:
         """Send every due event, oldest first, stopping at the first failure.
 
         Returns:
-            How many events were delivered.
+            How many events were delivered (0 too when another replica is delivering).
         """
         delivered = 0
-        with self._lock:
-            while True:
+        with self._lock, self.store.delivery_lock() as held:
+            while held:
                 batch = self.store.pending(limit=self.batch)
                 # Events go out in queue order: while the oldest waits for its retry, everything waits.
                 if not batch or batch[0].next_attempt_at > datetime.now(UTC):
@@ -182,6 +182,7 @@ class Deliverer:
                     self.store.mark_delivered(event.id)
                     delivered += 1
                     self.delivered_total += 1
+            return delivered
 
 
 class DeliveryLoop:

@@ -13,6 +13,8 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -125,7 +127,8 @@ class PendingEvent:
     next_attempt_at: datetime
 
 
-_RUN_COLUMNS = [c.name for c in runs.columns]
+# Advisory lock key of the outbox's sender (any constant; this one spells "cdmeLNG" in ASCII).
+_OUTBOX_LOCK = 0x63646D654C4E47
 
 
 class LineageStore:
@@ -266,6 +269,23 @@ class LineageStore:
                     select(func.count()).select_from(events).where(events.c.delivered_at.is_(None))
                 ).scalar_one()
             )
+
+    @contextmanager
+    def delivery_lock(self) -> Iterator[bool]:
+        """Hold the outbox's delivery lock for a pass, across replicas; yields False when another holds it.
+
+        Two replicas sending the same pending row would deliver it twice: one sender at a time keeps it once.
+        """
+        with self.engine.connect() as conn:
+            held = bool(
+                conn.execute(text("select pg_try_advisory_lock(:key)"), {"key": _OUTBOX_LOCK}).scalar()
+            )
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute(text("select pg_advisory_unlock(:key)"), {"key": _OUTBOX_LOCK})
+                conn.commit()
 
     def mark_delivered(self, row_id: int) -> None:
         """Record that the transport accepted an event."""

@@ -84,7 +84,7 @@ def _events(run_id: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-def test_a_collector_down_for_a_while_gets_every_event_exactly_once(
+def test_a_collector_down_for_a_while_gets_every_event_exactly_once_from_two_replicas(
     new_database: Callable[[], str], collector: Collector
 ) -> None:
     engine = create_warehouse_engine(new_database(), pool_size=2)
@@ -102,8 +102,15 @@ def test_a_collector_down_for_a_while_gets_every_event_exactly_once(
     deliverer = Deliverer(store, transport, backoff_s=0.1, max_backoff_s=0.4)
     assert deliverer.deliver_pending() == 0  # refused: nothing is lost, nothing is marked
     assert store.pending_count() == 40
-    loop = DeliveryLoop(deliverer, interval_s=0.1)
-    loop.start()
+    # A second replica (own engine, own transport) delivers from the same outbox at the same time.
+    replica_engine = create_warehouse_engine(
+        str(engine.url.render_as_string(hide_password=False)), pool_size=2
+    )
+    replica_transport = HttpTransport(transport.url, timeout=2)
+    replica = Deliverer(LineageStore(replica_engine), replica_transport, backoff_s=0.1, max_backoff_s=0.4)
+    loops = [DeliveryLoop(deliverer, interval_s=0.05), DeliveryLoop(replica, interval_s=0.05)]
+    for loop in loops:
+        loop.start()
     try:
         time.sleep(1.5)  # the loop keeps retrying against a closed port
         assert collector.received == []
@@ -114,8 +121,11 @@ def test_a_collector_down_for_a_while_gets_every_event_exactly_once(
             time.sleep(0.1)
         time.sleep(0.5)  # any duplicate would arrive now
     finally:
-        loop.stop()
+        for loop in loops:
+            loop.stop()
         transport.close()
+        replica_transport.close()
+        replica_engine.dispose()
     assert store.pending_count() == 0
     received = [(e["run"]["runId"], e["eventType"], e["eventTime"]) for e in collector.received]
     assert len(received) == len(set(received)) == 40
