@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +27,7 @@ from services.core.artifacts import (
     load_manifest,
     load_run_results,
 )
-from services.core.errors import UsageError
+from services.core.errors import UpstreamServiceError, UsageError
 from services.core.http import ServiceClient, UpstreamHttpError
 from services.core.settings import CdmeSettings
 from services.lineage.delivery import Deliverer
@@ -76,6 +76,14 @@ def adjoint_fetcher(settings: CdmeSettings) -> PartitionsFetcher:
             return parse_partitions(response.json())
 
     return fetch
+
+
+def normalise(run_id: str) -> str:
+    """A run id in canonical UUID form (so `0193...` and `0193...` in upper case compare equal)."""
+    try:
+        return str(uuid.UUID(run_id))
+    except ValueError:
+        return run_id
 
 
 def _load_optional(path: Path, loader: Callable[[Path], Any]) -> Any:
@@ -238,8 +246,9 @@ class Finalizer:
         results: RunResults | None = _load_optional(directory / "run_results.json", load_run_results)
         catalog: Catalog | None = _load_optional(directory / "catalog.json", load_catalog)
         partitions = self.fetch_partitions(request.run_id)
-        if partitions is not None and partitions.run_id != request.run_id:
-            partitions = None
+        if partitions is not None and normalise(partitions.run_id) != normalise(request.run_id):
+            msg = f"the adjoint answered the partitions of run {partitions.run_id[:60]} for run {request.run_id}"
+            raise UpstreamServiceError(msg)
         built = build_run(
             self.settings, self.dataset_namespace, request, directory, manifest, results, catalog, partitions
         )
@@ -359,10 +368,3 @@ def telemetry(
             }
         )
     return out
-
-
-def timed(function: Callable[[], Any]) -> tuple[Any, float]:
-    """Call `function` and return its result with the seconds it took."""
-    started = time.perf_counter()
-    value = function()
-    return value, time.perf_counter() - started
