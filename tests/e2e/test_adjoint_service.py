@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from services.lineage.domain.partitions import parse_partitions
 from tests.conftest import PROJECT_DIR, CliResult
 from tests.e2e.test_validation_service import AUTH, PROBLEM_KEYS, TOKEN, Service
 from tests.integration.test_adjoint_reference import build_project
@@ -123,6 +124,9 @@ def test_partitions_follow_the_contract(api: httpx.Client, run_id: str) -> None:
     assert "REQ-ERR-01" in enriched["req"]
     trades = next(s for s in body["sources"] if s["source"] == "raw_trading.trades")
     assert sum(trades["fates"].values()) == trades["input"] and trades["fates"]["unaccounted"] == 0
+    # The lineage service's own parser of this contract accepts it as it is.
+    parsed = parse_partitions(body)
+    assert parsed.run_id == run_id and len(parsed.morphisms) == len(body["morphisms"])
     missing = _problem(api.get(f"/runs/{uuid.uuid4()}/partitions"), 404)
     assert "has not been captured" in missing["detail"]
 

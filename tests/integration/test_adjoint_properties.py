@@ -348,3 +348,21 @@ def test_backward_and_impact_compose_along_a_chain(db: Db, rows: list[tuple[int,
         "errored": 0,
         "unaccounted": 0,
     }
+
+
+@EXAMPLES
+@given(rows=st.dictionaries(st.integers(10, 99), st.sampled_from(["a", "b", "c|d"]), min_size=1, max_size=12))
+def test_distinct_and_limit_losses_stay_unaccounted(db: Db, rows: dict[int, str]) -> None:
+    src = _entity("src", ["id"], source=True)
+    distinct = Model("dst", "select distinct code from p.src", ["code"], "filter", [src])
+    limited = Model("lim", "select id, code from p.src order by id limit 3", ["id"], "filter", [src])
+    run_id = _run(db, {"src": ("id int, code text", list(rows.items()))}, [distinct, limited])
+    survivors = {code: min(i for i, c in rows.items() if c == code) for code in set(rows.values())}
+    assert _pairs(db, run_id, "dst") == {(_k(i), _k(code)) for code, i in survivors.items()}
+    merged = {_k(i) for i in rows} - {_k(i) for i in survivors.values()}
+    m = _morphism(db, run_id, "dst")
+    assert (m["filtered"], m["unaccounted"]["count"]) == (0, len(merged))
+    kept = sorted(rows)[:3]
+    assert _pairs(db, run_id, "lim") == {(_k(i), _k(i)) for i in kept}
+    m = _morphism(db, run_id, "lim")
+    assert (m["filtered"], m["unaccounted"]["count"]) == (0, len(rows) - len(kept))

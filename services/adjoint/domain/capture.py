@@ -49,6 +49,8 @@ logger = logging.getLogger("cdme.adjoint.capture")
 SCHEMA = "cdme_adjoint"
 PARTITIONED = ("mapped", "filtered", "errored")
 SAMPLES = 10
+# Kinds whose every output record comes from exactly one input record: rows merged by DISTINCT/UNION are lost.
+ONE_TO_ONE = frozenset({"iso", "filter", "enrich", "union"})
 _SAMPLE_SCALE = 1_000_000
 
 
@@ -94,6 +96,17 @@ class Morphism:
     derivation: Derivation
     sink: Entity | None
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mapped_sql(self) -> str:
+        """The pairs this morphism maps; a de-duplicating one-to-one model keeps one source key per output key."""
+        if self.derivation.deduplicates and self.kind in ONE_TO_ONE:
+            return (
+                "select source_key, target_key from (select source_key, target_key, row_number() over "
+                f"(partition by target_key order by source_key) as n from ({self.derivation.mapped_sql}) d) r "
+                "where n = 1"
+            )
+        return self.derivation.mapped_sql
 
     def input_sql(self, epoch: date) -> str:
         """The distinct `cdme-key/v1` keys of the upstream that this run's morphism takes as input."""
@@ -327,7 +340,7 @@ class _Capture:
         mapped, filtered, errored = (_part(t, self.run_id) for t in PARTITIONED)
         _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest, _cdme_lost, _cdme_overlap")
         _execute(cur, f"create temp table _cdme_in on commit drop as {m.input_sql(self.epoch)}")
-        _execute(cur, f"create temp table _cdme_mapped on commit drop as {m.derivation.mapped_sql}")
+        _execute(cur, f"create temp table _cdme_mapped on commit drop as {m.mapped_sql}")
         if self.mode == "full":
             stored = sql.SQL("select {}, {}, source_key, target_key from _cdme_mapped").format(self.run, mid)
         elif self.mode == "summary":
@@ -674,7 +687,7 @@ def _store_run(
                 list(m.model.req),
                 list(m.model.access),
                 list(m.upstream.access),
-                m.derivation.mapped_sql,
+                m.mapped_sql,
                 m.input_sql(epoch),
                 m.output_sql(),
                 json.dumps(s.get("envelopes")) if s.get("envelopes") else None,

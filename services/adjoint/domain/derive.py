@@ -92,6 +92,8 @@ class Derivation:
         filters: The explicit predicates on the row path, innermost first.
         output_checked: Whether pairs are semi-joined with the built relation (root HAVING/LIMIT/DISTINCT).
         inferred_kind: The kind the SQL's shape suggests (a declared kind wins).
+        deduplicates: Whether DISTINCT or UNION on the row path merges rows; for a one-to-one kind, capture
+            keeps one source key per output key (the least) and leaves the merged ones unaccounted.
     """
 
     mapped_sql: str
@@ -99,6 +101,7 @@ class Derivation:
     filters: tuple[FilterCondition, ...]
     output_checked: bool
     inferred_kind: InferredKind
+    deduplicates: bool = False
 
 
 def _parse(sql: str) -> exp.Expr:
@@ -140,6 +143,7 @@ class _Path:
     driving_alias: str
     root: exp.Expr
     through_union: bool
+    union_distinct: bool = False
 
 
 def _row_path(tree: exp.Expr, upstream: Relation) -> _Path:
@@ -166,10 +170,12 @@ def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
     refs: list[str] = []
     node: exp.Expr = start
     through_union = False
+    union_distinct = False
     while (parent := node.parent) is not None:
         if isinstance(parent, exp.SetOperation):
             # The other branches carry other driving upstreams; this morphism's pairs come from this one only.
             through_union = True
+            union_distinct = union_distinct or bool(parent.args.get("distinct"))
             with_ = parent.args.get("with_")
             if parent.parent is None:
                 # The set operation is the whole query: this branch becomes the root.
@@ -211,7 +217,7 @@ def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
     if not isinstance(root, exp.Select) or root is not selects[-1]:
         msg = "the query's root is not the SELECT the rows reach"
         raise DerivationError(msg)
-    return _Path(selects, refs, driving_alias, root, through_union)
+    return _Path(selects, refs, driving_alias, root, through_union, union_distinct)
 
 
 def _conjuncts(condition: exp.Expr) -> list[exp.Expr]:
@@ -319,6 +325,7 @@ class _Rewrite:
     having: exp.Expr | None
     output_checked: bool
     kind: InferredKind
+    deduplicates: bool
 
 
 def _rewrite(
@@ -328,6 +335,7 @@ def _rewrite(
     path = _row_path(tree, upstream)
     kind = _infer_kind(path)
     root = path.selects[-1]
+    deduplicates = path.union_distinct or any(s.args.get("distinct") is not None for s in path.selects)
     filters: list[FilterCondition] = []
     for i, select in enumerate(path.selects):
         is_root = select is root
@@ -384,7 +392,7 @@ def _rewrite(
         filters.append(FilterCondition(len(filters), having.sql(dialect=DIALECT), _line(having), "having"))
     for arg in ("group", "having", "order", "limit", "offset", "distinct", "qualify"):
         root.set(arg, None)
-    return _Rewrite(root, filters, having, output_checked, kind)
+    return _Rewrite(root, filters, having, output_checked, kind, deduplicates)
 
 
 def derive(
@@ -459,4 +467,5 @@ def derive(
         filters=tuple(prefilter.filters),
         output_checked=mapped.output_checked,
         inferred_kind=mapped.kind,
+        deduplicates=mapped.deduplicates,
     )
