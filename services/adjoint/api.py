@@ -190,11 +190,17 @@ class ImpactRequest(BaseModel):
     keys: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=100_000)
     run_id: str | None = Field(default=None, max_length=64)
     depth: int | None = Field(default=None, ge=1, le=queries.MAX_DEPTH)
+    keys_per_path: int = Field(
+        default=queries.DEFAULT_LIMIT,
+        ge=0,
+        le=queries.MAX_LIMIT,
+        description="Affected keys listed per path.",
+    )
 
 
 @router.post("/impact")
 async def impact(body: ImpactRequest, principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
-    """Every downstream record the keys affect, per model and path (keys sampled, counts exact)."""
+    """Every downstream record the keys affect, per model and path: exact counts, up to `keys_per_path` keys."""
     return await run_in_threadpool(
         lambda: queries.impact(
             context.engine,

@@ -340,6 +340,15 @@ def test_backward_and_impact_compose_along_a_chain(db: Db, rows: list[tuple[int,
         assert set(affected["agg"]["keys"]) == {_k(g) for _, g in kept}
     else:
         assert affected == {}
+    # Containment laws: x is in backward(forward(x)), and y is in forward(backward(y)).
+    for i, _ in kept[:3]:
+        for a in queries.impact(db.engine, "src", [_k(i)], roles=None, run_id=run_id)["affected"]:
+            for target in a["keys"]:
+                assert ("src", _k(i)) in _backward(db, run_id, a["model"], target, to="src")
+    for g in {g for _, g in kept}:
+        origins = [k for _, k in _backward(db, run_id, "agg", _k(g), to="src")]
+        reached = queries.impact(db.engine, "src", origins, roles=None, run_id=run_id)["affected"]
+        assert _k(g) in next(a["keys"] for a in reached if a["model"] == "agg")
     report = queries.partitions(db.engine, run_id)
     (source,) = report["sources"]
     assert source["fates"] == {

@@ -527,12 +527,13 @@ def impact(
     roles: frozenset[str] | None,
     run_id: str | None = None,
     depth: int | None = None,
-    sample: int = 100,
+    sample: int = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
     """Every downstream record the given keys of `entity` affect, per model and path.
 
     Returns:
-        `{run_id, entity, keys, affected: [{model, unique_id, path, count, keys}]}`, keys sampled (`sample`).
+        `{run_id, entity, keys, affected: [{model, unique_id, path, count, keys}]}`: `count` is exact, `keys`
+        the first `sample` affected keys of that path in key order.
 
     Raises:
         NotFoundError: The run or the entity is unknown (or not visible).
