@@ -258,9 +258,7 @@ def run_adjoint_benchmark(
                     graph = queries.load_graph(cur, full, None)
                 edges = graph.visible_edges()
                 params = {
-                    "ids": [e.morphism_id for e in edges],
-                    "models": [e.unique_id for e in edges],
-                    "ups": [e.upstream_unique_id for e in edges],
+                    **queries.edge_params(edges),
                     "run": full,
                     "to": None,
                     "limit": queries.DEFAULT_LIMIT + 1,
@@ -273,7 +271,7 @@ def run_adjoint_benchmark(
                 to_raw = _walk(
                     conn, queries._BACKWARD, {**params, "uid": monthly, "depth": 64, "to": raw}, "key"
                 )
-                impact_params = {k: params[k] for k in ("ids", "models", "ups", "run")}
+                impact_params = {k: params[k] for k in ("ids", "models", "ups", "identity", "run")}
                 forward = _walk(
                     conn,
                     queries._IMPACT,

@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -310,6 +311,12 @@ class _Capture:
         self.run = sql.Literal(run_id)
 
     def prepare(self) -> None:
+        # Capture is a handful of large hashes and sorts: give them memory instead of spilling to disk.
+        for name, value in (("work_mem", "256MB"), ("maintenance_work_mem", "512MB")):
+            _execute(
+                self.cur,
+                sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value)),
+            )
         # Two captures of one run (two replicas, a retry) take turns instead of failing on each other's DDL.
         _execute(self.cur, sql.SQL("select pg_advisory_xact_lock(hashtextextended({}, 7))").format(self.run))
         for name, value in ENCODING_SESSION:
@@ -407,12 +414,17 @@ class _Capture:
             ).format(errored_keys, errored, mid),
         )
         stats: dict[str, Any] = {"input": _scalar(cur, "select count(*) from _cdme_in")}
-        _execute(
-            cur, "select count(*), count(distinct source_key), count(distinct target_key) from _cdme_mapped"
+        # GROUP BY hashes where count(distinct) would sort.
+        stats["pairs"] = _scalar(cur, "select count(*) from _cdme_mapped")
+        stats["mapped"] = _scalar(
+            cur, "select count(*) from (select source_key from _cdme_mapped group by 1) k"
         )
-        row = cur.fetchone()
-        assert row is not None
-        stats["pairs"], stats["mapped"], stats["output"] = row
+        stats["output"] = _scalar(
+            cur, "select count(*) from (select target_key from _cdme_mapped group by 1) k"
+        )
+        stats["identity"] = stats["pairs"] == stats["mapped"] == stats["output"] and not _scalar(
+            cur, "select exists (select 1 from _cdme_mapped where source_key <> target_key)"
+        )
         stats["errored"] = _scalar(
             cur, sql.SQL("select count(distinct source_key) from ({}) e").format(errored_keys)
         )
@@ -651,6 +663,7 @@ def _store_run(
             json.dumps([{"unique_id": n.unique_id, "reason": n.reason} for n in plan.not_captured]),
         ),
     )
+    drivers = Counter(m.model.unique_id for m in plan.morphisms)
     for m in plan.morphisms:
         assert m.upstream.key is not None and m.model.key is not None
         filters = [
@@ -660,7 +673,7 @@ def _store_run(
         s = m.stats
         cur.execute(
             "insert into cdme_adjoint.morphisms values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 run_id,
                 m.morphism_id,
@@ -691,6 +704,8 @@ def _store_run(
                 m.input_sql(epoch),
                 m.output_sql(),
                 json.dumps(s.get("envelopes")) if s.get("envelopes") else None,
+                # With several driving upstreams (a union) an output key need not come from this one.
+                s["identity"] and drivers[m.model.unique_id] == 1,
             ),
         )
     for src in sources:

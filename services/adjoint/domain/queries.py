@@ -56,6 +56,7 @@ class Edge:
     input_sql: str
     output_sql: str
     envelopes: dict[str, Any] | None
+    identity: bool
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
     cur.execute(
         "select morphism_id, model, unique_id, relation, upstream, upstream_unique_id, upstream_relation, kind, "
         "source_key_fields, target_key_fields, access, upstream_access, mapped_sql, input_sql, output_sql, "
-        "envelopes from cdme_adjoint.morphisms where run_id = %s order by morphism_id",
+        "envelopes, identity from cdme_adjoint.morphisms where run_id = %s order by morphism_id",
         (run_id,),
     )
     edges = []
@@ -284,14 +285,22 @@ def _bounds(depth: int | None, limit: int) -> int:
     return depth or MAX_DEPTH
 
 
+# Backward through an identity morphism (every pair is (k, k)) needs no lookup: each output row of a model has
+# its driving input row, so the key it reached is the key upstream.
 _BACKWARD = """
 with recursive walk(uid, k, path, depth) as (
     select %(uid)s::text, %(key)s::text, array[%(uid)s::text], 0
   union all
     select e.up, m.source_key, w.path || e.up, w.depth + 1
     from walk w
-    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.model = w.uid
-    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and m.target_key = w.k
+    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[])
+        as e(id, model, up, identity) on e.model = w.uid
+    cross join lateral (
+        select w.k as source_key where e.identity
+      union all
+        select x.source_key from cdme_adjoint.mapped x
+        where not e.identity and x.run_id = %(run)s and x.morphism_id = e.id and x.target_key = w.k
+    ) m
     where w.depth < %(depth)s
 )
 select distinct uid, k, path, depth from walk where depth > 0 and (%(to)s::text is null or uid = %(to)s)
@@ -314,11 +323,13 @@ from walk where depth > 0 group by uid, path order by min(depth), uid, path
 """
 
 
-def _edge_params(edges: Sequence[Edge]) -> dict[str, Any]:
+def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, Any]:
+    """The bind parameters describing `edges` to the walk queries (identity shortcuts only where allowed)."""
     return {
         "ids": [e.morphism_id for e in edges],
         "models": [e.unique_id for e in edges],
         "ups": [e.upstream_unique_id for e in edges],
+        "identity": [e.identity and identities for e in edges],
     }
 
 
@@ -373,7 +384,7 @@ def backward(
             cur.execute(
                 _BACKWARD,
                 {
-                    **_edge_params(edges),
+                    **edge_params(edges),
                     "uid": uid,
                     "key": key,
                     "run": graph.run_id,
@@ -555,7 +566,7 @@ def impact(
         cur.execute(
             _IMPACT,
             {
-                **_edge_params(graph.visible_edges()),
+                **edge_params(graph.visible_edges()),
                 "uid": uid,
                 "keys": keys,
                 "run": graph.run_id,
