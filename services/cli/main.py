@@ -20,6 +20,7 @@ import typer
 from sqlalchemy import text
 
 from services.cli.bench import bench_app
+from services.cli.pipeline import run_command, run_logs_command, runs_command, services_app
 from services.core.artifacts import (
     Catalog,
     Manifest,
@@ -65,6 +66,10 @@ app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
 app.add_typer(bench_app, name="bench")
+app.add_typer(services_app, name="services")
+app.command("run")(run_command)
+app.command("runs")(runs_command)
+app.command("run-logs")(run_logs_command)
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
