@@ -25,8 +25,11 @@ def free_port() -> int:
 class ServiceProcess:
     """One service; `start` waits for `/livez`, `stop` terminates it, `kill` sends SIGKILL."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None, app: str | None = None
+    ) -> None:
         self.name = name
+        self.app = app or f"services.{name}.app:app"
         self.env = env
         self.log = log_dir / f"{name}.log"
         self.port = port or free_port()
@@ -35,7 +38,7 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")} | self.env
-        command = [sys.executable, "-m", "uvicorn", f"services.{self.name}.app:app"]
+        command = [sys.executable, "-m", "uvicorn", self.app]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", str(self.port)],
