@@ -8,12 +8,20 @@ processes, so they may overlap.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from services.core.dbt import dbt_executable, first_failure, run_dbt
 from services.planner.runtimes.base import DbtCall, DbtCommand, DbtOutcome, DbtRuntime
+
+logger = logging.getLogger("cdme.planner")
 
 # How often the cancel watcher looks at the process when nobody cancels.
 _WATCH_INTERVAL_S = 0.2
@@ -22,6 +30,30 @@ _WATCH_INTERVAL_S = 0.2
 def log_file(command: DbtCommand) -> str:
     """The JSON log file a command writes in its target directory."""
     return "compile.log.jsonl" if command == "compile" else "dbt.log.jsonl"
+
+
+def stop_leftovers(target_path: Path, timeout: float = 15) -> list[int]:
+    """Terminate dbt processes still writing into `target_path` (left by a planner that was killed).
+
+    A planner killed with SIGKILL cannot stop the dbt it started; before the resumed run starts dbt again in
+    the same directory, the orphan is found by the `DBT_TARGET_PATH` its environment names, and stopped.
+    """
+    wanted = str(target_path)
+    found: list[psutil.Process] = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.pid != os.getpid() and process.environ().get("DBT_TARGET_PATH") == wanted:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for process in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return [p.pid for p in found]
 
 
 class LocalRuntime(DbtRuntime):
@@ -33,6 +65,8 @@ class LocalRuntime(DbtRuntime):
     def execute(self, command: DbtCommand, call: DbtCall) -> DbtOutcome:
         """Run `dbt <command>` for the call, terminating it if the call is cancelled."""
         ctx = self.context
+        if stopped := stop_leftovers(call.target_path):
+            logger.warning("stopped dbt left running in %s", call.target_path, extra={"pids": stopped})
         watchers: list[threading.Thread] = []
 
         def watch(proc: subprocess.Popen[str]) -> None:
