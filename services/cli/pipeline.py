@@ -53,6 +53,11 @@ def _client(settings: CdmeSettings, service: str, *, timeout: float | None = Non
     return ServiceClient(url, token=_token(settings), timeout=timeout or settings.http_timeout_s, retries=2)
 
 
+def planner_client(settings: CdmeSettings) -> ServiceClient:
+    """A client of the running planner service, with the CLI's token."""
+    return _client(settings, "planner")
+
+
 # -- services -------------------------------------------------------------------------------------------------
 
 
