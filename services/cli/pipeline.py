@@ -200,8 +200,15 @@ def _backward_example(settings: CdmeSettings, run: dict[str, Any], mart: str = "
         key = _encode_key(list(row))
         path = f"/backward/{urllib.parse.quote(mart, safe='')}/{urllib.parse.quote(key, safe='')}"
         trace = adjoint.get(path, params={"to": "raw_trading.trades", "run_id": run["id"]}).json()
-    typer.echo(f"backward trace of {mart} [{key}] to raw_trading.trades:")
-    typer.echo("  " + json.dumps(trace)[:1500])
+    contributions = trace.get("contributions") or []
+    keys = [str(c.get("key")) for c in contributions]
+    typer.echo(
+        f"backward trace: {mart} [{key}] <- {len(keys)} raw trades"
+        + (" (more on the next page)" if trace.get("next") else "")
+        + (f": {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys else "")
+    )
+    if contributions:
+        typer.echo(f"  path: {' <- '.join(contributions[0].get('path') or [])}")
 
 
 def run_command(
