@@ -184,10 +184,10 @@ def _planner_on(pipeline: Pipeline, project: Path, name: str) -> str:
     return name
 
 
-def _project_copy(pipeline: Pipeline, name: str, model: str, old: str, new: str) -> Path:
+def _project_copy(pipeline: Pipeline, name: str, file: str, old: str, new: str) -> Path:
     project = pipeline.home / name
     shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
-    path = next(project.glob(f"models/**/{model}.sql"))
+    path = project / file
     sql = path.read_text()
     assert old in sql
     path.write_text(sql.replace(old, new, 1))
@@ -206,16 +206,17 @@ def test_a_hallucinated_column_is_rejected_before_dbt_runs(pipeline: Pipeline) -
 
 
 def test_silent_loss_fails_the_run_at_finalize(pipeline: Pipeline) -> None:
-    # Trades of one book disappear in a model that declares only the cancelled-trade filter; validation is
-    # advisory so that dbt runs and the ledger has to find the loss.
+    # Trades whose counterparty is unknown vanish in an inner join instead of reaching the error sink; validation
+    # is advisory so that dbt runs and the ledger has to find the loss.
     project = _project_copy(
         pipeline,
         "silent_loss",
-        "int_trades_active",
-        "where trade_status <> 'CANCELLED'",
-        "where trade_status <> 'CANCELLED' and book <> 'FX-SPOT'",
+        "macros/trade_enrichment.sql",
+        "left join {{ ref('snap_counterparties') }}",
+        "inner join {{ ref('snap_counterparties') }}",
     )
     planner = _planner_on(pipeline, project, "planner-loss")
     run = pipeline.run({"epoch": EPOCH.isoformat(), "validation": "advisory"}, planner)
     assert run["status"] == "FAILED" and run["failed_step"] == "finalize", run["reason"]
-    assert _ledger_counts(run)["status"] == "UNBALANCED"
+    ledger = _ledger_counts(run)
+    assert ledger["status"] == "UNBALANCED" and ledger["unaccounted"] > 0, ledger
