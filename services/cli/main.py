@@ -7,6 +7,7 @@ a usage error exits 2; anything unexpected prints one line pointing at a crash l
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections import Counter
@@ -19,6 +20,7 @@ import psycopg
 import typer
 from sqlalchemy import text
 
+from services.cli.adjoint import backward_command, impact_command, reconcile_command
 from services.cli.bench import bench_app
 from services.cli.pipeline import run_command, run_logs_command, runs_command, services_app
 from services.core.artifacts import (
@@ -70,6 +72,9 @@ app.add_typer(services_app, name="services")
 app.command("run")(run_command)
 app.command("runs")(runs_command)
 app.command("run-logs")(run_logs_command)
+app.command("backward")(backward_command)
+app.command("impact")(impact_command)
+app.command("reconcile")(reconcile_command)
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
@@ -352,6 +357,9 @@ def validate_command(
         typer.Option("--estimate-cost", help="Estimate each model's size from the warehouse's statistics."),
     ] = False,
     output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes analysing models at once (0: one per CPU).")
+    ] = 0,
 ) -> None:
     """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
     if output not in {"json", "text"}:
@@ -384,6 +392,7 @@ def validate_command(
             principal=principal,
             roles=roles,
             stats=_warehouse_stats(settings, parsed) if estimate_cost else None,
+            workers=workers or os.cpu_count() or 1,
         )
     except UsageError:
         raise
