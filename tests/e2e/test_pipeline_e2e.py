@@ -220,3 +220,31 @@ def test_silent_loss_fails_the_run_at_finalize(pipeline: Pipeline) -> None:
     assert run["status"] == "FAILED" and run["failed_step"] == "finalize", run["reason"]
     ledger = _ledger_counts(run)
     assert ledger["status"] == "UNBALANCED" and ledger["unaccounted"] > 0, ledger
+
+
+def _kill_during(pipeline: Pipeline, step: str, service: str) -> dict[str, Any]:
+    """Start a run, SIGKILL `service` once `step` is running, start it again, and return the ended run."""
+    index = ["ingest", "validate", "dbt", "capture", "finalize"].index(step)
+    with pipeline.api() as api:
+        run_id = api.post("/runs", json={"epoch": EPOCH.isoformat()}).json()["id"]
+        deadline = time.monotonic() + 180
+        while (status := api.get(f"/runs/{run_id}").json()["steps"][index]["status"]) == "pending":
+            assert time.monotonic() < deadline, f"{step} never started"
+            time.sleep(0.05)
+        assert status == "running", f"{step} ended before {service} could be killed"
+        pipeline.services[service].kill()
+        time.sleep(1)
+        pipeline.services[service].start()
+        return wait(api, run_id)
+
+
+def test_an_adjoint_killed_during_capture_delays_the_run_but_it_completes(pipeline: Pipeline) -> None:
+    run = _kill_during(pipeline, "capture", "adjoint")
+    assert run["status"] == "COMPLETE", run["reason"]
+    assert _ledger_counts(run)["status"] == "BALANCED"
+
+
+def test_a_lineage_service_killed_during_finalize_delays_the_run_but_it_completes(pipeline: Pipeline) -> None:
+    run = _kill_during(pipeline, "finalize", "lineage")
+    assert run["status"] == "COMPLETE", run["reason"]
+    assert _ledger_counts(run)["status"] == "BALANCED"

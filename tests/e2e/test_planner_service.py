@@ -64,6 +64,7 @@ def stack(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFact
         "CDME_ADJOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
         "CDME_LINEAGE_URL": f"http://127.0.0.1:{free_port()}",
         "CDME_HTTP_RETRIES": "0",
+        "CDME_PLANNER_PEER_WAIT_S": "0",
     }
     validation = ServiceProcess("validation", env, home, port=validation_port)
     planner = ServiceProcess("planner", env, home, port=planner_port)

@@ -63,6 +63,7 @@ class Env:
             schema="analytics",
             peers=peers,
             landing_dir=self.tmp / "landing",
+            peer_wait_s=0,
         )
         return Planner(RunStore(engine), config)
 

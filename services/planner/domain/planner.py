@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,20 @@ from typing import Any
 
 import psycopg
 import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
 from services.core.artifacts import load_manifest
-from services.core.errors import CdmeError, ConfigurationError, UsageError, WarehouseError, first_line
+from services.core.errors import (
+    CdmeError,
+    ConfigurationError,
+    UpstreamServiceError,
+    UsageError,
+    WarehouseError,
+    first_line,
+)
+from services.core.http import UpstreamHttpError
 from services.core.ldm import load_project_config
 from services.core.logs import log_context
 from services.core.secrets import resolve_pepper
@@ -45,6 +56,8 @@ from services.planner.runtimes import DbtCall, DbtRuntime, RuntimeContext, load_
 
 logger = logging.getLogger("cdme.planner")
 
+# Pause between attempts of an idempotent peer call while the peer is down.
+_PEER_RETRY_S = 1.0
 # How many findings of a validation report a step keeps (the report itself stays with the validation service).
 _FINDINGS_KEPT = 20
 
@@ -61,12 +74,26 @@ class PlannerConfig:
     peers: Peers
     landing_dir: Path
     default_lineage_mode: str | None = None
+    # How long capture and finalize wait for a peer that is down or answering 5xx before the step fails.
+    peer_wait_s: float = 120.0
 
     @property
     def project_name(self) -> str:
         """The dbt project's name (`name` in dbt_project.yml)."""
         data = yaml.safe_load((self.project_dir / "dbt_project.yml").read_text())
         return str(data["name"])
+
+
+class PlannerSettings(BaseSettings):
+    """The planner's own settings (`CDME_PLANNER_` prefix), beside the shared `CdmeSettings`."""
+
+    model_config = SettingsConfigDict(env_prefix="CDME_PLANNER_", extra="ignore", frozen=True)
+
+    peer_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long capture and finalize wait for a peer that is down (seconds).",
+    )
 
 
 @dataclass(frozen=True)
@@ -422,8 +449,8 @@ class Planner:
         if name == "dbt":
             return self._dbt(run, run_dir, cancel)
         if name == "capture":
-            return self._capture(run, run_dir)
-        return self._finalize(run, run_dir, dbt_failure)
+            return self._capture(run, run_dir, cancel)
+        return self._finalize(run, run_dir, dbt_failure, cancel)
 
     def _call(self, run: Run, run_dir: Path, cancel: threading.Event) -> DbtCall:
         return DbtCall(
@@ -496,7 +523,34 @@ class Planner:
         config_path = self.config.project_dir / "cdme.yml"
         return load_project_config(config_path).defaults.lineage_mode if config_path.is_file() else "full"
 
-    def _capture(self, run: Run, run_dir: Path) -> StepResult:
+    def _patiently(
+        self, call: Callable[[], dict[str, Any]], step: str, cancel: threading.Event
+    ) -> dict[str, Any]:
+        """Repeat an idempotent peer call while the peer is down or failing (5xx), up to `peer_wait_s`.
+
+        A peer restarting (or killed and started again) costs a delay, not a failed run; a 4xx answer, or a
+        peer still down after the wait, fails the step with the peer's own words.
+        """
+        deadline = time.monotonic() + self.config.peer_wait_s
+        while True:
+            try:
+                return call()
+            except UpstreamHttpError as e:
+                if e.status < 500 or time.monotonic() >= deadline:
+                    raise
+                error: UpstreamServiceError = e
+            except UpstreamServiceError as e:
+                if time.monotonic() >= deadline:
+                    raise
+                error = e
+            logger.warning("%s: peer unavailable, retrying: %s", step, first_line(error))
+            if cancel.wait(_PEER_RETRY_S):
+                if self._shutdown.is_set():
+                    raise _Shutdown
+                msg = "cancelled"
+                raise StepFailedError(msg)
+
+    def _capture(self, run: Run, run_dir: Path, cancel: threading.Event) -> StepResult:
         manifest_path, results_path = run_dir / "manifest.json", run_dir / "run_results.json"
         if not manifest_path.is_file() or not results_path.is_file():
             msg = f"the dbt step left no manifest.json and run_results.json in {run_dir}"
@@ -507,7 +561,7 @@ class Planner:
             "manifest": json.loads(manifest_path.read_text()),
             "run_results": json.loads(results_path.read_text()),
         }
-        answer = self.config.peers.capture(run.id, body)
+        answer = self._patiently(lambda: self.config.peers.capture(run.id, body), "capture", cancel)
         output = {
             "lineage_mode": answer.get("lineage_mode"),
             "captured": len(answer.get("captured") or []),
@@ -517,7 +571,9 @@ class Planner:
         }
         return StepResult(output=output)
 
-    def _finalize(self, run: Run, run_dir: Path, dbt_failure: str | None) -> StepResult:
+    def _finalize(
+        self, run: Run, run_dir: Path, dbt_failure: str | None, cancel: threading.Event
+    ) -> StepResult:
         current = self.get(run.id)
         trace = [
             {
@@ -539,7 +595,7 @@ class Planner:
             "project": run.request.project,
             "target": run.request.target,
         }
-        answer = self.config.peers.finalize(run.id, body)
+        answer = self._patiently(lambda: self.config.peers.finalize(run.id, body), "finalize", cancel)
         output = {
             "status": answer.get("status"),
             "reason": answer.get("reason"),
@@ -593,5 +649,6 @@ def planner_from_settings(settings: CdmeSettings, engine: Engine) -> Planner:
         ),
         landing_dir=settings.home / "landing",
         default_lineage_mode=settings.lineage_mode,
+        peer_wait_s=PlannerSettings().peer_wait_s,
     )
     return Planner(RunStore(engine), config)
