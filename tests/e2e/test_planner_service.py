@@ -177,3 +177,29 @@ def test_a_planner_killed_during_dbt_resumes_the_run_when_it_starts_again(stack:
     assert stack.rows(
         "select count(*) from cdme_planner.runs where epoch = %s", date.fromisoformat(epoch)
     ) == [(1,)]
+
+
+def test_cdme_run_follows_a_run_over_http_and_exits_by_its_status(
+    stack: Stack, cli: Callable[..., Any]
+) -> None:
+    env = {
+        "CDME_PLANNER_URL": stack.planner.base_url,
+        "CDME_SERVICE_TOKEN": TOKEN,
+        "CDME_LOG_LEVEL": "WARNING",
+    }
+    done = cli("run", "--epoch", "2026-11-25", "--dry-run", "--summary", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("run ") and lines[0].endswith("epoch 2026-11-25 (dry run)")
+    assert any(line.split()[:2] == ["validate", "succeeded"] for line in lines)
+    assert any(line.endswith(" COMPLETE") for line in lines)
+    assert "validation: passed" in done.stdout and done.stderr == ""
+
+    refused = cli("run", "--epoch", "2026-11-25", "--runtime", "spark", env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "cdme: error: the planner refused the run: unknown dbt runtime 'spark'; installed: cloud, inprocess, local"
+    ]
+
+    listed = cli("runs", "--limit", "1", env=env)
+    assert listed.returncode == 0 and "COMPLETE" in listed.stdout.splitlines()[0]

@@ -94,6 +94,11 @@ class PlannerSettings(BaseSettings):
         ge=0,
         description="How long capture and finalize wait for a peer that is down (seconds).",
     )
+    peer_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Read timeout of one call to a peer: capturing a large epoch takes minutes.",
+    )
 
 
 @dataclass(frozen=True)
@@ -634,6 +639,7 @@ def planner_from_settings(settings: CdmeSettings, engine: Engine) -> Planner:
         msg = f"no dbt project at {settings.project_dir} (CDME_PROJECT_DIR)"
         raise ConfigurationError(msg)
     token = settings.service_token.get_secret_value() if settings.service_token else None
+    planner_settings = PlannerSettings()
     config = PlannerConfig(
         project_dir=settings.project_dir,
         runs_dir=settings.run_artifacts_root,
@@ -645,10 +651,11 @@ def planner_from_settings(settings: CdmeSettings, engine: Engine) -> Planner:
             adjoint_url=settings.adjoint_url,
             lineage_url=settings.lineage_url,
             token=token,
+            timeout_s=planner_settings.peer_timeout_s,
             retries=settings.http_retries,
         ),
         landing_dir=settings.home / "landing",
         default_lineage_mode=settings.lineage_mode,
-        peer_wait_s=PlannerSettings().peer_wait_s,
+        peer_wait_s=planner_settings.peer_wait_s,
     )
     return Planner(RunStore(engine), config)
