@@ -30,9 +30,17 @@ PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 
 
 class Service:
-    """The real service, started as `uvicorn services.validation.app:app` and stopped by its pid."""
+    """A real CDME service (default: validation), started as `uvicorn <app>` and stopped by its pid."""
 
-    def __init__(self, database_url: str, home: Path) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        home: Path,
+        app: str = "services.validation.app:app",
+        tokens: str = f"{TOKEN}=tester:data_engineer",
+    ) -> None:
+        self.app = app
+        self.tokens = tokens
         self.database_url = database_url
         self.home = home
         self.log = home / "service.log"
@@ -44,10 +52,10 @@ class Service:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": f"{TOKEN}=tester:data_engineer",
+            "CDME_AUTH_TOKENS": self.tokens,
             "CDME_HOME": str(self.home),
         }
-        command = [sys.executable, "-m", "uvicorn", "services.validation.app:app"]
+        command = [sys.executable, "-m", "uvicorn", self.app]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", str(self.port)],
