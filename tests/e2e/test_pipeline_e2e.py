@@ -196,7 +196,11 @@ def _project_copy(pipeline: Pipeline, name: str, file: str, old: str, new: str) 
 
 def test_a_hallucinated_column_is_rejected_before_dbt_runs(pipeline: Pipeline) -> None:
     project = _project_copy(
-        pipeline, "hallucinated", "int_trades_active", "trade_status\n", "trade_risk_score\n"
+        pipeline,
+        "hallucinated",
+        "models/intermediate/int_trades_active.sql",
+        "trade_status\n",
+        "trade_risk_score\n",
     )
     planner = _planner_on(pipeline, project, "planner-hallucinated")
     run = pipeline.run({"epoch": EPOCH.isoformat()}, planner)
