@@ -1,5 +1,8 @@
 """The whole pipeline: the four services as real processes, the reference project run through the planner over HTTP.
 
+Also the planner's HTTP contract on the way (the 409 naming the active run, the log stream, pagination,
+`cdme run`); `test_planner_service.py` covers the contract when the peers are down.
+
 One fresh database and one CDME home for all four services (so the lineage service finds the run's artifacts
 under the shared runs directory). Checked: a clean epoch ends COMPLETE with a balanced ledger; an epoch with
 injected silent loss ends FAILED at finalize; a hallucinated column is rejected before dbt; a dry run writes
@@ -34,7 +37,7 @@ for _service in ("adjoint", "lineage"):
 
 TOKEN = "pipeline-e2e-token"
 EPOCH = date(2026, 11, 20)
-TRADES = 3000
+TRADES = 2000
 NAMES = ("validation", "adjoint", "lineage", "planner")
 
 
@@ -44,6 +47,7 @@ class Pipeline:
     home: Path
     env: dict[str, str]
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    log_lines: list[str] = field(default_factory=list)
 
     def api(self, name: str = "planner") -> httpx.Client:
         return self.services[name].client(TOKEN, timeout=120)
@@ -120,8 +124,26 @@ def _ledger_counts(run: dict[str, Any]) -> dict[str, Any]:
     return ledger
 
 
-def test_a_clean_epoch_completes_with_a_balanced_ledger(pipeline: Pipeline) -> None:
-    run = pipeline.run({"epoch": EPOCH.isoformat()})
+@pytest.fixture(scope="module")
+def clean_run(pipeline: Pipeline) -> dict[str, Any]:
+    """One uninterrupted run of the epoch, followed from the side: the 409 and the log stream while it runs."""
+    with pipeline.api() as api:
+        created = api.post("/runs", json={"epoch": EPOCH.isoformat()})
+        assert created.status_code == 202, created.text
+        run_id = created.json()["id"]
+        assert created.headers["location"] == f"/runs/{run_id}"
+        conflict = api.post("/runs", json={"epoch": EPOCH.isoformat()})
+        assert conflict.status_code == 409 and run_id in conflict.json()["detail"]
+        with api.stream("GET", f"/runs/{run_id}/logs") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            pipeline.log_lines = list(stream.iter_lines())
+        return wait(api, run_id)
+
+
+def test_a_clean_epoch_completes_with_a_balanced_ledger(
+    pipeline: Pipeline, clean_run: dict[str, Any]
+) -> None:
+    run = clean_run
     assert run["status"] == "COMPLETE", run["reason"]
     assert [s["status"] for s in run["steps"]] == [
         "skipped",
@@ -130,18 +152,32 @@ def test_a_clean_epoch_completes_with_a_balanced_ledger(pipeline: Pipeline) -> N
         "succeeded",
         "succeeded",
     ]
+    assert all(s["duration_seconds"] > 0 for s in run["steps"][1:])
     assert _ledger_counts(run)["status"] == "BALANCED"
     with pipeline.api("lineage") as lineage:
         for link in ("ledger", "proof", "events"):
             assert lineage.get(run["links"][link]).status_code == 200, link
+    with pipeline.api("validation") as validation:
+        assert validation.get(run["links"]["validation_report"]).json()["status"] == "passed"
     with pipeline.api("adjoint") as adjoint:
         partitions = adjoint.get(f"/runs/{run['id']}/partitions").json()
     trades = next(s for s in partitions["sources"] if s["source"] == "raw_trading.trades")
     assert trades["input"] == TRADES and trades["fates"]["unaccounted"] == 0
+    events = [line for line in pipeline.log_lines if line.startswith("event: ")]
+    assert events.count("event: dbt") > 10 and events[-1] == "event: end"
+    assert any('"LogModelResult"' in line for line in pipeline.log_lines)
+    with pipeline.api() as api:
+        page = api.get("/runs", params={"status": "COMPLETE", "limit": 1}).json()
+        assert page["total"] >= 1 and len(page["runs"]) == 1
+        assert api.post(f"/runs/{run['id']}/cancel").status_code == 409
+        assert api.post(f"/runs/{run['id']}/resume").status_code == 409
+        assert api.get("/readyz").json() == {"status": "ready"}
 
 
-def test_a_planner_killed_mid_run_completes_it_after_restart_with_the_same_ledger(pipeline: Pipeline) -> None:
-    reference = pipeline.run({"epoch": EPOCH.isoformat()})
+def test_a_planner_killed_mid_run_completes_it_after_restart_with_the_same_ledger(
+    pipeline: Pipeline, clean_run: dict[str, Any]
+) -> None:
+    reference = clean_run
     assert reference["status"] == "COMPLETE", reference["reason"]
     with pipeline.api() as api:
         run_id = api.post("/runs", json={"epoch": EPOCH.isoformat()}).json()["id"]
@@ -161,18 +197,38 @@ def test_a_planner_killed_mid_run_completes_it_after_restart_with_the_same_ledge
     assert pipeline.rows("select count(*) from cdme_planner.steps where run_id::text = %s", run_id) == [(5,)]
 
 
-def test_a_dry_run_validates_and_writes_nothing_to_the_warehouse(pipeline: Pipeline) -> None:
+def test_cdme_run_dry_run_validates_and_writes_nothing_to_the_warehouse(
+    pipeline: Pipeline, cli: Callable[..., Any]
+) -> None:
     xid = int(pipeline.rows("select txid_current()")[0][0])
-    run = pipeline.run({"epoch": "2026-11-24", "dry_run": True})
-    assert run["status"] == "COMPLETE", run["reason"]
-    assert run["steps"][1]["output"]["costs"]
-    assert [s["status"] for s in run["steps"][2:]] == ["skipped"] * 3
+    env = {
+        "CDME_PLANNER_URL": pipeline.services["planner"].base_url,
+        "CDME_SERVICE_TOKEN": TOKEN,
+        "CDME_LOG_LEVEL": "WARNING",
+    }
+    done = cli("run", "--epoch", "2026-11-24", "--dry-run", "--summary", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("run ") and lines[0].endswith("epoch 2026-11-24 (dry run)")
+    assert any(line.split()[:2] == ["validate", "succeeded"] for line in lines)
+    assert any(line.endswith(" COMPLETE") for line in lines)
+    assert "validation: passed" in done.stdout and done.stderr == ""
     changed = pipeline.rows(
         "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace where "
         "n.nspname not like 'cdme\\_%%' and n.nspname not like 'pg\\_%%' and c.xmin::text::bigint > %s",
         xid,
     )
     assert changed == []
+    with pipeline.api() as api:
+        run = api.get("/runs", params={"limit": 1}).json()["runs"][0]
+    assert run["request"]["dry_run"] and run["steps"][1]["output"]["costs"]
+    assert [s["status"] for s in run["steps"][2:]] == ["skipped"] * 3
+
+    refused = cli("run", "--epoch", "2026-11-24", "--runtime", "spark", env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "cdme: error: the planner refused the run: unknown dbt runtime 'spark'; installed: cloud, inprocess, local"
+    ]
 
 
 def _planner_on(pipeline: Pipeline, project: Path, name: str) -> str:
@@ -226,29 +282,23 @@ def test_silent_loss_fails_the_run_at_finalize(pipeline: Pipeline) -> None:
     assert ledger["status"] == "UNBALANCED" and ledger["unaccounted"] > 0, ledger
 
 
-def _kill_during(pipeline: Pipeline, step: str, service: str) -> dict[str, Any]:
-    """Start a run, SIGKILL `service` once `step` is running, start it again, and return the ended run."""
+def _wait_for_step(api: httpx.Client, run_id: str, step: str) -> None:
     index = ["ingest", "validate", "dbt", "capture", "finalize"].index(step)
+    deadline = time.monotonic() + 180
+    while (status := api.get(f"/runs/{run_id}").json()["steps"][index]["status"]) == "pending":
+        assert time.monotonic() < deadline, f"{step} never started"
+        time.sleep(0.05)
+    assert status == "running", f"{step} ended before its service could be killed"
+
+
+def test_adjoint_and_lineage_killed_mid_step_delay_the_run_but_it_completes(pipeline: Pipeline) -> None:
     with pipeline.api() as api:
         run_id = api.post("/runs", json={"epoch": EPOCH.isoformat()}).json()["id"]
-        deadline = time.monotonic() + 180
-        while (status := api.get(f"/runs/{run_id}").json()["steps"][index]["status"]) == "pending":
-            assert time.monotonic() < deadline, f"{step} never started"
-            time.sleep(0.05)
-        assert status == "running", f"{step} ended before {service} could be killed"
-        pipeline.services[service].kill()
-        time.sleep(1)
-        pipeline.services[service].start()
-        return wait(api, run_id)
-
-
-def test_an_adjoint_killed_during_capture_delays_the_run_but_it_completes(pipeline: Pipeline) -> None:
-    run = _kill_during(pipeline, "capture", "adjoint")
-    assert run["status"] == "COMPLETE", run["reason"]
-    assert _ledger_counts(run)["status"] == "BALANCED"
-
-
-def test_a_lineage_service_killed_during_finalize_delays_the_run_but_it_completes(pipeline: Pipeline) -> None:
-    run = _kill_during(pipeline, "finalize", "lineage")
+        for step, service in (("capture", "adjoint"), ("finalize", "lineage")):
+            _wait_for_step(api, run_id, step)
+            pipeline.services[service].kill()
+            time.sleep(1)
+            pipeline.services[service].start()
+        run = wait(api, run_id)
     assert run["status"] == "COMPLETE", run["reason"]
     assert _ledger_counts(run)["status"] == "BALANCED"
