@@ -316,7 +316,7 @@ def runs_command(
     with _client(settings, "planner") as planner:
         page = planner.get("/runs", params=params).json()
     for run in page["runs"]:
-        where = f" at {run['failed_step']}: {run['reason']}" if run.get("failed_step") else ""
+        where = f"  {run['reason']}" if run.get("reason") else ""
         typer.echo(f"{run['id']}  {run['status']:<9} {run['request']['epoch']}  {run['created_at']}{where}")
     typer.echo(f"{len(page['runs'])} of {page['total']} runs")
 
