@@ -130,15 +130,19 @@ def test_run_fails_at_capture_without_adjoint_and_resume_repeats_no_finished_ste
     assert env.rows("select count(*) from cdme_planner.steps where run_id = %s", run.id)[0][0] == 5
 
 
-def test_one_active_run_per_key_and_cancel(env: Env) -> None:
+def test_one_active_run_per_key_and_cancel_from_another_planner(env: Env) -> None:
     planner = env.planner(name="cancel")
     first = planner.submit("tester", RunRequest(epoch=EPOCH))
     with pytest.raises(RunConflictError) as conflict:
         planner.submit("tester", RunRequest(epoch=EPOCH))
     assert conflict.value.active_run_id == first.id
     assert str(first.id) in str(conflict.value)
+    # Another replica sees the run active (its lock is held) and can only flag it; the worker stops dbt.
+    other = env.planner(name="cancel")
+    with pytest.raises(RunConflictError):
+        other.submit("tester", RunRequest(epoch=EPOCH))
 
-    planner.cancel(first.id)
+    assert other.cancel(first.id).status in {"PENDING", "RUNNING"}
     cancelled = planner.wait(first.id, TIMEOUT)
     assert cancelled.status == "CANCELLED"
     assert not any(s.status in {"running", "pending"} for s in cancelled.steps)

@@ -56,6 +56,8 @@ from services.planner.runtimes import DbtCall, DbtRuntime, RuntimeContext, load_
 
 logger = logging.getLogger("cdme.planner")
 
+# How often a worker looks for a cancel flagged by another planner replica.
+_CANCEL_POLL_S = 1.0
 # Pause between attempts of an idempotent peer call while the peer is down.
 _PEER_RETRY_S = 1.0
 # How many findings of a validation report a step keeps (the report itself stays with the validation service).
@@ -352,6 +354,12 @@ class Planner:
         thread.start()
 
     def _execute(self, run_id: uuid.UUID, lock: RunLock) -> None:
+        done = threading.Event()
+        with self._lock:
+            cancel = self._workers[run_id].cancel
+        threading.Thread(
+            target=self._watch_cancel, args=(run_id, cancel, done), name=f"cancel-{run_id}", daemon=True
+        ).start()
         with log_context(run_id=str(run_id)):
             try:
                 self._drive(run_id)
@@ -361,7 +369,18 @@ class Planner:
                 # A failure of the planner's own database: the run stays as stored and is resumed later.
                 logger.exception("run interrupted")
             finally:
+                done.set()
                 lock.release()
+
+    def _watch_cancel(self, run_id: uuid.UUID, cancel: threading.Event, done: threading.Event) -> None:
+        # A cancel may arrive at another planner replica, which can only flag the run: this one stops dbt.
+        while not done.wait(_CANCEL_POLL_S):
+            try:
+                if self.store.cancel_requested(run_id):
+                    cancel.set()
+                    return
+            except CdmeError:
+                continue  # the database is briefly unreachable: the worker notices too
 
     def _drive(self, run_id: uuid.UUID) -> None:
         with self._lock:
