@@ -5,92 +5,21 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from services.core.settings import PROJECT_ROOT
 from tests.conftest import RESEARCH_DATA
+from tests.service_process import AUTH, TOKEN
+from tests.service_process import ServiceProcess as Service
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
-
-
-class Service:
-    """The real service, started as `uvicorn services.validation.app:app` and stopped by its pid."""
-
-    def __init__(self, database_url: str, home: Path) -> None:
-        self.database_url = database_url
-        self.home = home
-        self.log = home / "service.log"
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-        env |= {
-            "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": f"{TOKEN}=tester:data_engineer",
-            "CDME_HOME": str(self.home),
-        }
-        command = [sys.executable, "-m", "uvicorn", "services.validation.app:app"]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the service exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/livez", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"the service did not answer /livez within {timeout}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
