@@ -96,6 +96,22 @@ class UpstreamServiceError(CdmeError):
     title = "Upstream service failed"
 
 
+class NotFoundError(CdmeError):
+    """A resource named by the request does not exist (or is invisible to the caller, which looks the same)."""
+
+    exit_code = 66  # EX_NOINPUT
+    http_status = 404
+    title = "Not found"
+
+
+class ConflictError(CdmeError):
+    """The request conflicts with the current state (another active run, data changed since capture, ...)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+    http_status = 409
+    title = "Conflict"
+
+
 def first_line(error: BaseException) -> str:
     """The first non-blank line of an exception's message (drivers append hints and context lines)."""
     original = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error

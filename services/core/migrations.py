@@ -26,6 +26,7 @@ from pathlib import Path
 from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -123,6 +124,37 @@ def migrate(engine_or_url: Engine | str, service: str) -> str | None:
             engine.dispose()
     logger.info("schema migrated", extra={"schema": schema, "revision": revision})
     return revision
+
+
+def migration_lag(engine: Engine, service: str) -> str | None:
+    """Check that a service's schema is at the newest migration the code ships (readiness).
+
+    Args:
+        engine: An engine on the service's database.
+        service: The service whose schema `cdme_<service>` to check.
+
+    Returns:
+        The schema's revision.
+
+    Raises:
+        WarehouseError: The database cannot be reached, or the schema is behind (or ahead of) the code's head.
+    """
+    schema = service_schema(service)
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir(service)).replace("%", "%%"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(
+                conn, opts={"version_table_schema": schema}
+            ).get_current_revision()
+    except SQLAlchemyError as e:
+        msg = f"cannot read the migration state of {schema}: {first_line(e)}"
+        raise WarehouseError(msg) from e
+    if current != head:
+        msg = f"schema {schema} is at revision {current or 'none'}, this code needs {head}"
+        raise WarehouseError(msg)
+    return current
 
 
 def run_migrations() -> None:

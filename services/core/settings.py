@@ -86,6 +86,37 @@ class CdmeSettings(BaseSettings):
     lineage_mode: LineageMode | None = Field(
         default=None, description="Overrides the lineage mode `cdme.yml` declares as default."
     )
+    validation_url: str = Field(
+        default="http://127.0.0.1:8001", description="Base URL of the validation service."
+    )
+    adjoint_url: str = Field(default="http://127.0.0.1:8002", description="Base URL of the adjoint service.")
+    lineage_url: str = Field(default="http://127.0.0.1:8003", description="Base URL of the lineage service.")
+    planner_url: str = Field(default="http://127.0.0.1:8004", description="Base URL of the planner service.")
+    service_token: SecretStr | None = Field(
+        default=None,
+        description="The bearer token this service presents to its peers (its principal needs the `service` role).",
+    )
+    runs_dir: Path | None = Field(
+        default=None,
+        description="Where each run's artifacts live, `<runs_dir>/<run_id>/` (default: `<home>/runs`).",
+    )
+    openlineage_transport: Literal["file", "http", "console"] = Field(
+        default="file", description="Where OpenLineage events are delivered from the outbox."
+    )
+    openlineage_url: str | None = Field(
+        default=None,
+        description="The collector's endpoint for the `http` transport, e.g. Marquez's `/api/v1/lineage`.",
+    )
+    openlineage_api_key: SecretStr | None = Field(
+        default=None, description="Bearer token the `http` transport sends to the collector, if it needs one."
+    )
+    openlineage_file: Path | None = Field(
+        default=None,
+        description="JSON-lines file of the `file` transport (default: `<home>/openlineage/events.jsonl`).",
+    )
+    openlineage_namespace: str = Field(
+        default="cdme", min_length=1, description="OpenLineage job namespace of CDME's runs and models."
+    )
 
     @field_validator("warehouse_url")
     @classmethod
@@ -110,6 +141,16 @@ class CdmeSettings(BaseSettings):
     def tokens_file(self) -> Path:
         """Where principals and token digests are read from."""
         return self.auth_tokens_file or self.home / "auth" / "tokens.json"
+
+    @property
+    def run_artifacts_root(self) -> Path:
+        """The directory holding one artifact directory per run."""
+        return self.runs_dir or self.home / "runs"
+
+    @property
+    def openlineage_events_file(self) -> Path:
+        """The `file` transport's JSON-lines file."""
+        return self.openlineage_file or self.home / "openlineage" / "events.jsonl"
 
 
 @lru_cache(maxsize=1)

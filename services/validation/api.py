@@ -11,25 +11,31 @@ import hashlib
 import json
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
-from services.core.auth import Principal, TokenAuthenticator
+from services.core.auth import Principal
 from services.core.errors import WarehouseError, first_line
 from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
 from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
-from services.core.warehouse import check_connection
+from services.core.webapp import (
+    PrincipalDep,
+    ServiceContext,
+    ServiceMetrics,
+    context_dependency,
+    problem_responses,
+)
 from services.validation.domain import Finding, Report, validate_project
 from services.validation.domain.cost import TableStats, relations_of, warehouse_stats
 from services.validation.domain.findings import CostEstimate, Plan
@@ -48,29 +54,6 @@ _DOMAIN_LOCK = threading.Lock()
 
 
 # -- schemas ----------------------------------------------------------------------------------------------------
-
-
-class Problem(BaseModel):
-    """An RFC 9457 problem document (`application/problem+json`): every error this service returns."""
-
-    type: str = Field(description="A URI naming the kind of problem (`about:blank` for plain HTTP errors).")
-    title: str = Field(description="The kind of problem, the same for every occurrence.")
-    status: int = Field(description="The HTTP status code.")
-    detail: str = Field(description="What went wrong in this request, and what to fix.")
-    instance: str = Field(description="The request path that failed.")
-    request_id: str | None = Field(
-        default=None, description="The `X-Request-ID` to find the request in the logs."
-    )
-    errors: list[dict[str, str]] | None = Field(
-        default=None, description="Every invalid field of a request that failed validation."
-    )
-
-
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No bearer token, or an unknown one."},
-    413: {"model": Problem, "description": "The request body is larger than the service accepts."},
-    422: {"model": Problem, "description": "The request or an artifact in it is malformed."},
-}
 
 
 class ValidateRequest(BaseModel):
@@ -189,45 +172,27 @@ def _outcome(report: Report) -> Outcome:
 
 
 @dataclass(frozen=True)
-class ServiceContext:
-    """What the app's lifespan opens for the routes: settings, authentication, the database and the store."""
+class ValidationState:
+    """The validation service's own state: where reports are kept."""
 
-    settings: CdmeSettings
-    authenticator: TokenAuthenticator
-    engine: Engine
     store: ReportStore
 
 
-def get_context(request: Request) -> ServiceContext:
-    """The lifespan's `ServiceContext` (the lifespan state holds it under `cdme`)."""
-    return cast(ServiceContext, request.state.cdme)
+@asynccontextmanager
+async def open_state(
+    _settings: CdmeSettings, engine: Engine, _metrics: ServiceMetrics
+) -> AsyncIterator[ValidationState]:
+    """The service's state, opened by the lifespan once `cdme_validation` is migrated."""
+    yield ValidationState(ReportStore(engine))
 
 
-ContextDep = Annotated[ServiceContext, Depends(get_context)]
-
-# Declared for /docs (its "Authorize" button); the authenticator reads the header itself.
-_bearer = HTTPBearer(auto_error=False, description="A token from CDME_AUTH_TOKENS or the tokens file.")
-
-
-async def authenticated(
-    request: Request,
-    context: ContextDep,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The principal of the request's bearer token.
-
-    Raises:
-        AuthenticationError: No bearer token, or an unknown one.
-    """
-    return context.authenticator.authenticate(request.headers.get("authorization"))
-
-
-PrincipalDep = Annotated[Principal, Depends(authenticated)]
+Context = ServiceContext[ValidationState]
+ContextDep = Annotated[Context, Depends(context_dependency(ValidationState))]
 
 
 # -- validation -------------------------------------------------------------------------------------------------
 
-router = APIRouter(tags=["validation"], responses=_PROBLEMS)
+router = APIRouter(tags=["validation"], responses=problem_responses())
 
 
 def _parse(body: ValidateRequest) -> tuple[Manifest, ProjectConfig | None, Catalog | None]:
@@ -245,7 +210,7 @@ def _checksum(document: dict[str, Any]) -> str:
 
 def _validate_as(
     principal: Principal,
-    context: ServiceContext,
+    context: Context,
     manifest: Manifest,
     config: ProjectConfig | None,
     catalog: Catalog | None,
@@ -267,13 +232,11 @@ def _validate_as(
         )
 
 
-def _validate_and_store(
-    body: ValidateRequest, principal: Principal, context: ServiceContext
-) -> ValidationResult:
+def _validate_and_store(body: ValidateRequest, principal: Principal, context: Context) -> ValidationResult:
     manifest, config, catalog = _parse(body)
     report = _validate_as(principal, context, manifest, config, catalog)
     outcome = _outcome(report)
-    report_id = context.store.save(
+    report_id = context.state.store.save(
         NewReport(
             principal=principal.name,
             project=manifest.metadata.project_name,
@@ -305,16 +268,16 @@ async def validate(
     return result
 
 
-@router.get("/reports/{report_id}", responses={404: {"model": Problem, "description": "No such report."}})
+@router.get("/reports/{report_id}", responses=problem_responses(404))
 async def get_report(report_id: uuid.UUID, _principal: PrincipalDep, context: ContextDep) -> ValidationResult:
     """A report stored by an earlier `POST /validate`."""
-    stored = await run_in_threadpool(context.store.get, report_id)
+    stored = await run_in_threadpool(context.state.store.get, report_id)
     if stored is None:
         raise HTTPException(status_code=404, detail=f"no validation report has id {report_id}")
     return ValidationResult(id=stored.id, status=stored.status, **stored.report)
 
 
-def _validate_proposal(body: MappingRequest, principal: Principal, context: ServiceContext) -> MappingResult:
+def _validate_proposal(body: MappingRequest, principal: Principal, context: Context) -> MappingResult:
     manifest, config, catalog = _parse(body)
     proposal = ModelProposal(name=body.name, sql=body.sql, properties=body.yaml or ModelProperties())
     with _DOMAIN_LOCK:
@@ -346,7 +309,7 @@ async def validate_mapping(
     return await run_in_threadpool(_validate_proposal, body, principal, context)
 
 
-def _resolve_path(body: PathRequest, principal: Principal, context: ServiceContext) -> PathResult:
+def _resolve_path(body: PathRequest, principal: Principal, context: Context) -> PathResult:
     manifest, config, catalog = _parse(body)
     ldm = load_ldm(manifest, config, catalog, lineage_mode=context.settings.lineage_mode) if config else None
     with _DOMAIN_LOCK:
@@ -370,7 +333,7 @@ async def validate_symbolic_path(
     return await run_in_threadpool(_resolve_path, body, principal, context)
 
 
-def _dry_run(body: DryRunRequest, principal: Principal, context: ServiceContext) -> DryRunResult:
+def _dry_run(body: DryRunRequest, principal: Principal, context: Context) -> DryRunResult:
     manifest, config, catalog = _parse(body)
     try:
         with context.engine.connect() as conn:
@@ -387,7 +350,7 @@ def _dry_run(body: DryRunRequest, principal: Principal, context: ServiceContext)
     return DryRunResult(**_outcome(report).model_dump(), plan=report.plan, costs=report.costs)
 
 
-@router.post("/dry-run", responses={503: {"model": Problem, "description": "The warehouse is unreachable."}})
+@router.post("/dry-run", responses=problem_responses(503))
 async def dry_run(body: DryRunRequest, principal: PrincipalDep, context: ContextDep) -> DryRunResult:
     """Validate a compiled manifest and estimate what running it would cost; nothing is stored or run.
 
@@ -397,28 +360,3 @@ async def dry_run(body: DryRunRequest, principal: PrincipalDep, context: Context
     classifies every model lossless or lossy, with the checkpoints the adjoint service would take.
     """
     return await run_in_threadpool(_dry_run, body, principal, context)
-
-
-# -- operations -------------------------------------------------------------------------------------------------
-
-operations = APIRouter(tags=["operations"])
-
-
-@operations.get("/livez")
-async def livez() -> dict[str, str]:
-    """Liveness: the process serves requests. Checks nothing external, so a database outage restarts nothing."""
-    return {"status": "alive"}
-
-
-@operations.get("/readyz", responses={503: {"model": Problem, "description": "The database is unreachable."}})
-async def readyz(context: ContextDep) -> dict[str, str]:
-    """Readiness: the service's database answers `select 1`."""
-    await run_in_threadpool(check_connection, context.engine)
-    return {"status": "ready"}
-
-
-@operations.get("/metrics", response_class=Response, responses={401: _PROBLEMS[401]})
-async def metrics(request: Request, _principal: PrincipalDep) -> Response:
-    """Prometheus metrics: requests by route, method and status, and their latency."""
-    registry = cast(CollectorRegistry, request.app.state.metrics_registry)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
