@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
 from services.core.auth import Principal
-from services.core.errors import WarehouseError, first_line
+from services.core.errors import UsageError, WarehouseError, first_line
 from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
 from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
@@ -195,7 +195,33 @@ ContextDep = Annotated[Context, Depends(context_dependency(ValidationState))]
 router = APIRouter(tags=["validation"], responses=problem_responses())
 
 
+def _refuse_nul(body: BaseModel) -> None:
+    """Refuse a request carrying U+0000 anywhere: PostgreSQL can store it neither in text nor in jsonb.
+
+    Raises:
+        UsageError: Where the first NUL is, e.g. `body.manifest.nodes.<id>.name`.
+    """
+    stack: list[tuple[Any, str]] = [(getattr(body, name), f"body.{name}") for name in type(body).model_fields]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                msg = f"{where}: contains a NUL character (\\u0000), which CDME cannot store"
+                raise UsageError(msg)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    msg = f"{where}: a key contains a NUL character (\\u0000), which CDME cannot store"
+                    raise UsageError(msg)
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, BaseModel):
+            stack.extend((getattr(value, name), f"{where}.{name}") for name in type(value).model_fields)
+
+
 def _parse(body: ValidateRequest) -> tuple[Manifest, ProjectConfig | None, Catalog | None]:
+    _refuse_nul(body)
     manifest = parse_manifest(body.manifest, "body.manifest")
     config = parse_project_config(body.config, "body.config") if body.config is not None else None
     catalog = parse_catalog(body.catalog, "body.catalog") if body.catalog is not None else None
