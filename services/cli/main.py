@@ -32,7 +32,7 @@ from services.core.artifacts import (
 )
 from services.core.artifacts import base as artifact_base
 from services.core.auth import TokenAuthenticator, ensure_demo_token
-from services.core.dbt import first_failure, run_dbt
+from services.core.dbt import first_failure, parse_project, run_dbt
 from services.core.errors import CdmeError, DbtError, UsageError, WarehouseError, first_line
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
 from services.core.logs import configure_logging
@@ -218,9 +218,6 @@ def build_command(
 
 
 # `dbt parse` renders profiles.yml but never connects, so any well-formed URL serves when none is configured.
-_PARSE_ONLY_URL = "postgresql://postgres@127.0.0.1:5432/cdme"
-
-
 def _parse_project(
     settings: CdmeSettings,
     target: Path,
@@ -230,25 +227,10 @@ def _parse_project(
     compile_sql: bool = False,
     dbt_vars: str | None = None,
 ) -> Manifest:
-    # Compiling without the relation cache needs no warehouse: validation runs before anything exists.
-    command = ["compile", "--no-populate-cache"] if compile_sql else ["parse"]
-    if epoch is not None:
-        command += ["--vars", json.dumps({"epoch_date": epoch.isoformat()})]
-    elif dbt_vars:
-        command += ["--vars", dbt_vars]
-    invocation = run_dbt(
-        command,
-        project_dir=settings.project_dir,
-        target_path=target,
-        warehouse_url=url or settings.warehouse_url or _PARSE_ONLY_URL,
-        schema=settings.dbt_schema,
-        target=settings.dbt_target,
-        partial_parse=True,
+    epoch_vars = json.dumps({"epoch_date": epoch.isoformat()}) if epoch is not None else None
+    return parse_project(
+        settings, target, warehouse_url=url, dbt_vars=epoch_vars or dbt_vars, compile_sql=compile_sql
     )
-    if not invocation.succeeded:
-        msg = f"dbt {command[0]} failed: {first_failure(invocation)}"
-        raise DbtError(msg)
-    return invocation.manifest()
 
 
 def _project_ldm(settings: CdmeSettings, manifest: Manifest, catalog: Catalog | None = None) -> Ldm:

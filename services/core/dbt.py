@@ -19,7 +19,11 @@ from typing import Any
 
 from services.core.artifacts import Manifest, RunResults, load_manifest, load_run_results
 from services.core.errors import DbtError
+from services.core.settings import CdmeSettings
 from services.core.warehouse import dbt_connection_env
+
+# Parsing and compiling without the relation cache open no connection, but dbt's profile still needs a URL.
+PARSE_ONLY_URL = "postgresql://postgres@127.0.0.1:5432/cdme"
 
 # dbt event names whose human message is worth echoing as progress.
 _PROGRESS_EVENTS = frozenset(
@@ -207,3 +211,46 @@ def _one_line(message: str) -> str:
     if len(lines) > 1 and lines[0].endswith(")") and " Error in " in lines[0]:
         return f"{lines[0]}: {lines[1]}"
     return lines[0]
+
+
+def parse_project(
+    settings: CdmeSettings,
+    target_path: Path,
+    *,
+    project_dir: Path | None = None,
+    warehouse_url: str | None = None,
+    dbt_vars: str | None = None,
+    compile_sql: bool = False,
+) -> Manifest:
+    """`dbt parse` (or `dbt compile --no-populate-cache`) of a project, without touching the warehouse.
+
+    Args:
+        settings: Target, schema and (default) project of the invocation.
+        target_path: Where dbt writes `manifest.json`; a partial parse left there is reused.
+        project_dir: The project (default: `settings.project_dir`).
+        warehouse_url: The URL put in the profile (default: the settings', else a placeholder).
+        dbt_vars: dbt `--vars`, as YAML or JSON text.
+        compile_sql: Compile every model's SQL too (validation needs it; the LDM does not).
+
+    Returns:
+        The manifest dbt wrote (`target_path / "manifest.json"`).
+
+    Raises:
+        DbtError: dbt failed; the message is its first error.
+    """
+    command = ["compile", "--no-populate-cache"] if compile_sql else ["parse"]
+    if dbt_vars:
+        command += ["--vars", dbt_vars]
+    invocation = run_dbt(
+        command,
+        project_dir=project_dir or settings.project_dir,
+        target_path=target_path,
+        warehouse_url=warehouse_url or settings.warehouse_url or PARSE_ONLY_URL,
+        schema=settings.dbt_schema,
+        target=settings.dbt_target,
+        partial_parse=True,
+    )
+    if not invocation.succeeded:
+        msg = f"dbt {command[0]} failed: {first_failure(invocation)}"
+        raise DbtError(msg)
+    return invocation.manifest()

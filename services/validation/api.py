@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+import yaml
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.artifacts import Catalog, Manifest, parse_catalog, parse_manifest
 from services.core.auth import Principal
-from services.core.errors import UsageError, WarehouseError, first_line
+from services.core.dbt import parse_project
+from services.core.errors import ArtifactError, NotFoundError, UsageError, WarehouseError, first_line
 from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
 from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
@@ -37,7 +42,7 @@ from services.core.webapp import (
     problem_responses,
 )
 from services.validation.domain import Finding, Report, validate_project
-from services.validation.domain.cost import TableStats, relations_of, warehouse_stats
+from services.validation.domain.cost import TableStats, estimate_costs, relations_of, warehouse_stats
 from services.validation.domain.findings import CostEstimate, Plan
 from services.validation.domain.paths import PathResult, validate_path
 from services.validation.domain.proposal import (
@@ -57,11 +62,31 @@ _DOMAIN_LOCK = threading.Lock()
 
 
 class ValidateRequest(BaseModel):
-    """A compiled manifest to validate, with the warehouse's catalog and the project's `cdme.yml` if there are."""
+    """The project to validate: a compiled manifest, or a project directory the service compiles itself.
+
+    With the manifest come the warehouse's catalog and the project's `cdme.yml` if there are; a project
+    directory brings its own `cdme.yml` (unless `config` is given).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    manifest: dict[str, Any] = Field(description="`manifest.json` (schema v7-v12) written by `dbt compile`.")
+    manifest: dict[str, Any] | None = Field(
+        default=None, description="`manifest.json` (schema v7-v12) written by `dbt compile`."
+    )
+    project_dir: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description=(
+            "Instead of `manifest`: a dbt project on the service's filesystem, compiled with "
+            "`dbt compile --no-populate-cache` (no warehouse needed). Only `CDME_PROJECT_DIR` and directories "
+            "under `CDME_HOME` are accepted."
+        ),
+    )
+    vars: dict[str, Any] | None = Field(
+        default=None,
+        description='dbt `--vars` for compiling `project_dir` (e.g. `{"epoch_date": "2026-11-20"}`).',
+    )
     catalog: dict[str, Any] | None = Field(
         default=None,
         description="`catalog.json` (v1): the warehouse's own columns, the most reliable schemas.",
@@ -69,6 +94,16 @@ class ValidateRequest(BaseModel):
     config: dict[str, Any] | None = Field(
         default=None, description="`cdme.yml` as JSON; without it only the SQL is checked, not declarations."
     )
+
+    @model_validator(mode="after")
+    def _one_project(self) -> ValidateRequest:
+        if (self.manifest is None) == (self.project_dir is None):
+            msg = "give exactly one of `manifest` (a compiled manifest.json) or `project_dir`"
+            raise ValueError(msg)
+        if self.vars is not None and self.project_dir is None:
+            msg = "`vars` compile a `project_dir`; a compiled manifest already has its vars applied"
+            raise ValueError(msg)
+        return self
 
 
 class MappingRequest(ValidateRequest):
@@ -125,9 +160,10 @@ class Outcome(BaseModel):
 
 
 class ValidationResult(Outcome):
-    """A stored validation report."""
+    """A stored validation report, with the execution plan the adjoint service's checkpoints follow."""
 
     id: uuid.UUID = Field(description="Fetch the report again at `/reports/{id}`.")
+    plan: Plan = Field(default_factory=Plan, description="Each model lossless or lossy, and its checkpoints.")
 
 
 class DryRunRequest(ValidateRequest):
@@ -195,6 +231,56 @@ ContextDep = Annotated[Context, Depends(context_dependency(ValidationState))]
 router = APIRouter(tags=["validation"], responses=problem_responses())
 
 
+@dataclass(frozen=True)
+class _Project:
+    """A request's project, parsed, with the documents it came as (kept with the report)."""
+
+    manifest: Manifest
+    config: ProjectConfig | None
+    catalog: Catalog | None
+    documents: dict[str, Any]
+
+
+def _allowed_project_dir(requested: str, settings: CdmeSettings) -> Path:
+    # The path comes from the request: resolve links and `..` first, then accept only the configured project
+    # or what lives under CDME_HOME (run copies), so a caller cannot make the service compile arbitrary files.
+    path = Path(requested).resolve()
+    allowed = [settings.project_dir.resolve(), settings.home.resolve()]
+    if not any(path == root or path.is_relative_to(root) for root in allowed):
+        msg = "body.project_dir: not a project this service may read; use CDME_PROJECT_DIR or a directory under CDME_HOME"
+        raise UsageError(msg)
+    if not (path / "dbt_project.yml").is_file():
+        msg = f"body.project_dir: {path} has no dbt_project.yml"
+        raise UsageError(msg)
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    document = json.loads(path.read_bytes())
+    if not isinstance(document, dict):
+        msg = f"{path}: expected a JSON object"
+        raise ArtifactError(msg)
+    return document
+
+
+def _compile(body: ValidateRequest, settings: CdmeSettings) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    assert body.project_dir is not None  # the request's validator makes it so
+    directory = _allowed_project_dir(body.project_dir, settings)
+    config_file = directory / "cdme.yml"
+    config = (
+        yaml.safe_load(config_file.read_text()) if body.config is None and config_file.is_file() else None
+    )
+    with tempfile.TemporaryDirectory(prefix="validate-") as target:
+        parse_project(
+            settings,
+            Path(target),
+            project_dir=directory,
+            dbt_vars=json.dumps(body.vars) if body.vars is not None else None,
+            compile_sql=True,
+        )
+        return _read_json(Path(target) / "manifest.json"), config
+
+
 def _refuse_nul(body: BaseModel) -> None:
     """Refuse a request carrying U+0000 anywhere: PostgreSQL can store it neither in text nor in jsonb.
 
@@ -220,12 +306,22 @@ def _refuse_nul(body: BaseModel) -> None:
             stack.extend((getattr(value, name), f"{where}.{name}") for name in type(value).model_fields)
 
 
-def _parse(body: ValidateRequest) -> tuple[Manifest, ProjectConfig | None, Catalog | None]:
+def _parse(body: ValidateRequest, settings: CdmeSettings) -> _Project:
     _refuse_nul(body)
-    manifest = parse_manifest(body.manifest, "body.manifest")
-    config = parse_project_config(body.config, "body.config") if body.config is not None else None
-    catalog = parse_catalog(body.catalog, "body.catalog") if body.catalog is not None else None
-    return manifest, config, catalog
+    config_document = body.config
+    if body.manifest is not None:
+        manifest_document, source = body.manifest, "body.manifest"
+    else:
+        manifest_document, config_document = _compile(body, settings)
+        config_document = body.config if body.config is not None else config_document
+        source = "the compiled project's manifest.json"
+    documents = {"manifest": manifest_document, "config": config_document, "catalog": body.catalog}
+    return _Project(
+        manifest=parse_manifest(manifest_document, source),
+        config=parse_project_config(config_document, "body.config") if config_document is not None else None,
+        catalog=parse_catalog(body.catalog, "body.catalog") if body.catalog is not None else None,
+        documents=documents,
+    )
 
 
 def _checksum(document: dict[str, Any]) -> str:
@@ -259,21 +355,23 @@ def _validate_as(
 
 
 def _validate_and_store(body: ValidateRequest, principal: Principal, context: Context) -> ValidationResult:
-    manifest, config, catalog = _parse(body)
-    report = _validate_as(principal, context, manifest, config, catalog)
+    project = _parse(body, context.settings)
+    report = _validate_as(principal, context, project.manifest, project.config, project.catalog)
     outcome = _outcome(report)
     report_id = context.state.store.save(
         NewReport(
             principal=principal.name,
-            project=manifest.metadata.project_name,
-            manifest_checksum=_checksum(body.manifest),
+            project=project.manifest.metadata.project_name,
+            manifest_checksum=_checksum(project.documents["manifest"]),
             status=outcome.status,
             errors=outcome.summary.errors,
             warnings=outcome.summary.warnings,
-            report=outcome.model_dump(mode="json", exclude={"status"}),
+            report=outcome.model_dump(mode="json", exclude={"status"})
+            | {"plan": report.plan.model_dump(mode="json")},
+            artifacts=project.documents,
         )
     )
-    return ValidationResult(id=report_id, **outcome.model_dump())
+    return ValidationResult(id=report_id, plan=report.plan, **outcome.model_dump())
 
 
 @router.post("/validate", status_code=201)
@@ -283,8 +381,8 @@ async def validate(
     """Validate a compiled dbt manifest before dbt runs, and store the report.
 
     The body carries the artifacts themselves: `manifest` (a compiled `manifest.json`), optionally `catalog`
-    and `config` (`cdme.yml` as JSON). Validating a project directory is not supported: compile it first
-    (`dbt compile`) and send the manifest. The answer is `passed` when no finding is an error, `rejected`
+    and `config` (`cdme.yml` as JSON); or `project_dir` (with `vars`), a project on the service's filesystem
+    that it compiles without a warehouse and whose `cdme.yml` it reads. The answer is `passed` when no finding is an error, `rejected`
     otherwise; every finding names its rule, the model and, where known, the line. The project is validated as
     the caller: with `config`, models whose `meta.cdme.access` the token's roles do not hold do not exist for
     it. The report is kept and can be fetched again at `/reports/{id}` (the `Location` header).
@@ -304,7 +402,8 @@ async def get_report(report_id: uuid.UUID, _principal: PrincipalDep, context: Co
 
 
 def _validate_proposal(body: MappingRequest, principal: Principal, context: Context) -> MappingResult:
-    manifest, config, catalog = _parse(body)
+    project = _parse(body, context.settings)
+    manifest, config, catalog = project.manifest, project.config, project.catalog
     proposal = ModelProposal(name=body.name, sql=body.sql, properties=body.yaml or ModelProperties())
     with _DOMAIN_LOCK:
         checked = validate_proposed_model(
@@ -336,7 +435,8 @@ async def validate_mapping(
 
 
 def _resolve_path(body: PathRequest, principal: Principal, context: Context) -> PathResult:
-    manifest, config, catalog = _parse(body)
+    project = _parse(body, context.settings)
+    manifest, config, catalog = project.manifest, project.config, project.catalog
     ldm = load_ldm(manifest, config, catalog, lineage_mode=context.settings.lineage_mode) if config else None
     with _DOMAIN_LOCK:
         return validate_path(
@@ -359,19 +459,24 @@ async def validate_symbolic_path(
     return await run_in_threadpool(_resolve_path, body, principal, context)
 
 
-def _dry_run(body: DryRunRequest, principal: Principal, context: Context) -> DryRunResult:
-    manifest, config, catalog = _parse(body)
+def _statistics(context: Context, manifest: Manifest) -> dict[tuple[str, str], TableStats]:
     try:
         with context.engine.connect() as conn:
-            # Planner statistics only (pg_class, pg_stats): a dry run reads the catalog and writes nothing.
+            # Planner statistics only (pg_class, pg_stats): estimating reads the catalog and writes nothing.
             driver = conn.connection.driver_connection
             if not isinstance(driver, psycopg.Connection):
                 msg = "the warehouse is not reached through psycopg 3; cost estimation reads PostgreSQL's catalog"
                 raise WarehouseError(msg)
-            stats = warehouse_stats(driver, relations_of(manifest))
+            return warehouse_stats(driver, relations_of(manifest))
     except (SQLAlchemyError, psycopg.Error) as e:
         msg = f"the warehouse's statistics could not be read: {first_line(e)}"
         raise WarehouseError(msg) from e
+
+
+def _dry_run(body: DryRunRequest, principal: Principal, context: Context) -> DryRunResult:
+    project = _parse(body, context.settings)
+    manifest, config, catalog = project.manifest, project.config, project.catalog
+    stats = _statistics(context, manifest)
     report = _validate_as(principal, context, manifest, config, catalog, stats=stats, budget=body.budget)
     return DryRunResult(**_outcome(report).model_dump(), plan=report.plan, costs=report.costs)
 
@@ -386,3 +491,74 @@ async def dry_run(body: DryRunRequest, principal: PrincipalDep, context: Context
     classifies every model lossless or lossy, with the checkpoints the adjoint service would take.
     """
     return await run_in_threadpool(_dry_run, body, principal, context)
+
+
+class CostEstimateResult(BaseModel):
+    """One model's estimated size now, from the warehouse's statistics, against its budget."""
+
+    report_id: uuid.UUID = Field(description="The stored report whose manifest and `cdme.yml` were used.")
+    estimate: CostEstimate
+    budget: Budget = Field(
+        description="The budget that applies: `cdme.yml`'s for the model, then the query's."
+    )
+    within_budget: bool
+    findings: list[Finding] = Field(description="A `cost` finding per budget the estimate exceeds.")
+
+
+def _cost_estimate(
+    model: str, report_id: uuid.UUID | None, override: Budget, principal: Principal, context: Context
+) -> CostEstimateResult:
+    stored = context.state.store.artifacts(report_id)
+    if stored is None:
+        which = f"report {report_id}" if report_id is not None else "any report"
+        msg = f"no manifest to estimate from: {which} was not stored with its artifacts; POST /validate first"
+        raise NotFoundError(msg)
+    found_id, documents = stored
+    manifest = parse_manifest(documents["manifest"], f"report {found_id}")
+    config_document = documents.get("config")
+    config = parse_project_config(config_document, f"report {found_id}") if config_document else None
+    ldm = load_ldm(manifest, config, lineage_mode=context.settings.lineage_mode) if config else None
+    entity = ldm.entities.get(model) if ldm is not None else None
+    # A model the caller may not see is reported exactly like one that does not exist.
+    hidden = entity is not None and not entity.visible_to(set(principal.roles))
+    if hidden or not any(n.name == model for n in manifest.models()):
+        msg = f"model `{model}` is not in the project of report {found_id}"
+        raise NotFoundError(msg)
+    with _DOMAIN_LOCK:
+        estimates, findings = estimate_costs(manifest, _statistics(context, manifest), config, override)
+    estimate = next((e for e in estimates if e.model == model), None)
+    if estimate is None:
+        msg = f"model `{model}` has no compiled SQL in report {found_id}; validate a compiled manifest"
+        raise NotFoundError(msg)
+    budget = config.budgets.for_model(model) if config is not None else Budget()
+    budget = budget.model_copy(update=override.model_dump(exclude_none=True))
+    own = [f for f in findings if f.model == model]
+    return CostEstimateResult(
+        report_id=found_id, estimate=estimate, budget=budget, within_budget=not own, findings=own
+    )
+
+
+@router.get("/cost-estimate/{model}", responses=problem_responses(404, 503))
+async def cost_estimate(
+    model: Annotated[str, FastApiPath(pattern=MODEL_NAME.pattern, max_length=256)],
+    principal: PrincipalDep,
+    context: ContextDep,
+    report_id: uuid.UUID | None = None,
+    max_output_rows: Annotated[int | None, Query(gt=0)] = None,
+    max_intermediate_rows: Annotated[int | None, Query(gt=0)] = None,
+    max_join_depth: Annotated[int | None, Query(gt=0)] = None,
+) -> CostEstimateResult:
+    """Estimate one model's output rows, largest intermediate step and join depth from the warehouse's statistics.
+
+    The project is the one a stored report was made from (`report_id`, default the newest report): its manifest
+    and `cdme.yml` are kept with the report. Statistics are read now (`pg_class.reltuples`,
+    `pg_stats.n_distinct`, join fan-out), upstream models estimated first. The budget is `cdme.yml`'s for the
+    model, overridden by the `max_*` query parameters; each excess is a `cost` finding stating estimate and
+    budget. A model the caller's roles do not allow is unknown, as if it did not exist.
+    """
+    override = Budget(
+        max_output_rows=max_output_rows,
+        max_intermediate_rows=max_intermediate_rows,
+        max_join_depth=max_join_depth,
+    )
+    return await run_in_threadpool(_cost_estimate, model, report_id, override, principal, context)

@@ -13,7 +13,9 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -55,12 +58,14 @@ reports = Table(
     Column("errors", Integer, nullable=False),
     Column("warnings", Integer, nullable=False),
     Column("report", JSONB, nullable=False),
+    # The request's manifest, cdme.yml and catalog, zlib-compressed JSON: what later estimates are made from.
+    Column("artifacts", LargeBinary, nullable=True),
     CheckConstraint("status in ('passed', 'rejected')", name="reports_status_check"),
     Index("reports_created_at_idx", "created_at"),
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NewReport:
     """A report to store: who asked, about which manifest, the verdict, and the report itself as JSON."""
 
@@ -71,9 +76,10 @@ class NewReport:
     errors: int
     warnings: int
     report: dict[str, Any]
+    artifacts: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredReport(NewReport):
     """A stored report, with the id and time the store gave it."""
 
@@ -107,6 +113,7 @@ class ReportStore:
                         errors=new.errors,
                         warnings=new.warnings,
                         report=new.report,
+                        artifacts=_compress(new.artifacts) if new.artifacts is not None else None,
                     )
                 )
         except OperationalError as e:
@@ -122,7 +129,8 @@ class ReportStore:
         """
         try:
             with self._engine.connect() as conn:
-                row = conn.execute(select(reports).where(reports.c.id == report_id)).mappings().one_or_none()
+                columns = [c for c in reports.c if c.name != "artifacts"]
+                row = conn.execute(select(*columns).where(reports.c.id == report_id)).mappings().one_or_none()
         except OperationalError as e:
             msg = f"cannot read report {report_id}: {first_line(e)}"
             raise WarehouseError(msg) from e
@@ -139,3 +147,31 @@ class ReportStore:
             warnings=row["warnings"],
             report=row["report"],
         )
+
+    def artifacts(self, report_id: uuid.UUID | None = None) -> tuple[uuid.UUID, dict[str, Any]] | None:
+        """The documents a report was made from: `report_id`'s, or the newest report's that kept them.
+
+        Returns:
+            The report's id and its `manifest`, `config` and `catalog` documents, or None if there is none.
+
+        Raises:
+            WarehouseError: The database cannot be reached.
+        """
+        query = select(reports.c.id, reports.c.artifacts).where(reports.c.artifacts.is_not(None))
+        if report_id is not None:
+            query = query.where(reports.c.id == report_id)
+        query = query.order_by(reports.c.created_at.desc()).limit(1)
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(query).one_or_none()
+        except OperationalError as e:
+            msg = f"cannot read the artifacts of report {report_id or '(newest)'}: {first_line(e)}"
+            raise WarehouseError(msg) from e
+        if row is None:
+            return None
+        return row.id, json.loads(zlib.decompress(row.artifacts))
+
+
+def _compress(documents: dict[str, Any]) -> bytes:
+    # Manifests compress about tenfold; level 1 keeps a multi-MiB manifest's save in milliseconds.
+    return zlib.compress(json.dumps(documents, separators=(",", ":")).encode(), 1)

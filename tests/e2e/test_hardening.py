@@ -14,6 +14,7 @@ A service joins by an entry in `SERVICES`: its name (`services.<name>.app:app`) 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +36,15 @@ pytestmark = pytest.mark.integration
 
 @dataclass(frozen=True)
 class ServiceUnderTest:
-    """A service to harden: its name and the extra environment its process needs."""
+    """A service to harden: its name, the extra environment its process needs, the request fields naming files."""
 
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
+    location_fields: tuple[str, ...] = ()
 
 
 # Add the adjoint, lineage and planner services here as they land.
-SERVICES = [ServiceUnderTest("validation")]
+SERVICES = [ServiceUnderTest("validation", location_fields=("project_dir",))]
 # Generated cases per operation: enough to reach every branch of the request models, small enough for CI.
 MAX_EXAMPLES = 40
 # `services/core/webapp.py` documents problem bodies under `application/json` (they are served as
@@ -105,10 +107,15 @@ TRAVERSALS = [
 
 
 @pytest.fixture(scope="module", params=SERVICES, ids=lambda s: s.name)
+def spec(request: pytest.FixtureRequest) -> ServiceUnderTest:
+    under_test: ServiceUnderTest = request.param
+    return under_test
+
+
+@pytest.fixture(scope="module")
 def running(
-    request: pytest.FixtureRequest, new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+    spec: ServiceUnderTest, new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    spec: ServiceUnderTest = request.param
     process = ServiceProcess(
         new_database(), tmp_path_factory.mktemp(f"{spec.name}-hardening"), service=spec.name, env=spec.env
     )
@@ -274,13 +281,39 @@ def test_a_nul_character_anywhere_is_a_precise_422(running: ServiceProcess, api:
     _assert_healthy(running)
 
 
-def test_path_traversal_in_file_locations_is_refused(running: ServiceProcess, api: httpx.Client) -> None:
-    for path in _post_operations(api):
-        for location in TRAVERSALS:
-            body = {"manifest": {"metadata": {}, "nodes": {}}, "artifact_dir": location, "path": location}
-            response = api.post(path, json=body)
-            assert response.status_code < 500, (path, location, response.text[:300])
+def _location_fields(client: httpx.Client) -> list[tuple[str, str, dict[str, Any]]]:
+    """(POST path, property, other required properties) for every request property naming a file or directory."""
+    document = client.get("/openapi.json").json()
+    schemas = document.get("components", {}).get("schemas", {})
+    found = []
+    for path in _post_operations(client):
+        content = document["paths"][path]["post"].get("requestBody", {}).get("content", {})
+        ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
+        schema = schemas.get(ref.rsplit("/", 1)[-1], {})
+        # Plain values for the other required strings, so that the location is what the service looks at.
+        required = {name: "m" for name in schema.get("required", [])}
+        for name in schema.get("properties", {}):
+            if re.search(r"dir|path|file|location", name):
+                found.append((path, name, {k: v for k, v in required.items() if k != name}))
+    return found
+
+
+def test_path_traversal_in_file_locations_is_refused(
+    spec: ServiceUnderTest, running: ServiceProcess, api: httpx.Client
+) -> None:
+    # A link inside the service's own home that leads out of it must not count as inside.
+    escape = running.home / "escape"
+    escape.symlink_to("/etc", target_is_directory=True)
+    fields = _location_fields(api)
+    assert {name for _, name, _ in fields} >= set(spec.location_fields)
+    for path, name, required in fields:
+        for location in [*TRAVERSALS, str(escape), f"{running.home}/../../etc"]:
+            response = api.post(path, json={**required, name: location})
+            assert response.status_code < 500, (path, name, location, response.text[:300])
+            body = _assert_problem(response, 400, 403, 404, 422)
             assert "root:" not in response.text, "a file outside the service was read"
+            if name == "project_dir":
+                assert "not a project this service may read" in body["detail"], body
     _assert_healthy(running)
 
 

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import RESEARCH_DATA
+from tests.conftest import PROJECT_DIR, RESEARCH_DATA
 from tests.service_process import AUTH, TOKEN
 from tests.service_process import ServiceProcess as Service
 
@@ -135,7 +135,8 @@ def test_a_real_project_passes_and_its_report_is_stored(
     response = api.post("/validate", json={"manifest": jaffle})
     assert response.status_code == 201, response.text
     report = response.json()
-    assert set(report) == {"id", "status", "summary", "findings", "coverage"}
+    assert set(report) == {"id", "status", "summary", "findings", "coverage", "plan"}
+    assert len(report["plan"]["steps"]) == 13
     assert report["status"] == "passed"
     assert report["summary"]["errors"] == 0
     assert report["coverage"]["models"] == 13
@@ -201,15 +202,11 @@ def _unsupported_version(jaffle: dict[str, Any]) -> dict[str, Any]:
         ),
         (lambda _: {"manifest": 42}, "body.manifest: Input should be a valid dictionary"),
         (
-            lambda _: {"project_dir": "/srv/dbt"},
-            "body.manifest: Field required (and 1 more)",
-        ),
-        (
             lambda j: {"manifest": j, "config": {"grains": "Atomic"}},
             "body.config: grains: Input should be a valid list",
         ),
     ],
-    ids=["manifest-v5", "manifest-not-an-object", "project-dir", "bad-cdme-yml"],
+    ids=["manifest-v5", "manifest-not-an-object", "bad-cdme-yml"],
 )
 def test_malformed_input_is_a_precise_422_problem(
     service: Service,
@@ -366,7 +363,7 @@ def test_a_restarted_service_keeps_its_reports(service: Service, jaffle: dict[st
     with service.client(AUTH) as client:
         assert client.get(f"/reports/{report['id']}").json() == report
     assert _report_count(service) == count
-    assert _rows(service, "select version_num from cdme_validation.alembic_version") == [("0001",)]
+    assert _rows(service, "select version_num from cdme_validation.alembic_version") == [("0002",)]
 
 
 # -- POST /validate/path --------------------------------------------------------------------------------------------
@@ -430,3 +427,84 @@ def test_a_dry_run_estimates_costs_against_budgets_and_stores_nothing(
 
     unknown_budget = api.post("/dry-run", json={"manifest": jaffle, "budget": {"max_rows": 5}})
     _assert_problem(unknown_budget, 422)
+
+
+# -- GET /cost-estimate/{model} ---------------------------------------------------------------------------------
+
+
+def test_a_cost_estimate_is_made_from_a_stored_reports_project_against_its_budget(
+    api: httpx.Client, jaffle: dict[str, Any]
+) -> None:
+    manifest = copy.deepcopy(jaffle)
+    manifest["nodes"]["model.jaffle_shop.stg_orders"]["config"]["meta"] = {"cdme": {"access": ["auditor"]}}
+    config = {
+        "grains": [{"name": "Atomic"}],
+        "roles": [{"name": "data_engineer"}, {"name": "auditor"}],
+        "budgets": {"models": {"metricflow_time_spine": {"max_output_rows": 400}}},
+    }
+    report_id = api.post("/validate", json={"manifest": manifest, "config": config}).json()["id"]
+
+    spine = api.get("/cost-estimate/metricflow_time_spine", params={"report_id": report_id})
+    assert spine.status_code == 200, spine.text
+    body = spine.json()
+    # The spine is generated from literals: 455 rows whatever the warehouse holds, over cdme.yml's 400.
+    assert body["report_id"] == report_id and body["estimate"]["rows"] == 455
+    assert body["budget"]["max_output_rows"] == 400 and body["within_budget"] is False
+    assert [f["message"] for f in body["findings"]] == [
+        "estimated output rows 455 exceed the budget of 400 (x1.1)"
+    ]
+    relaxed = api.get(
+        "/cost-estimate/metricflow_time_spine", params={"report_id": report_id, "max_output_rows": 1000}
+    ).json()
+    assert relaxed["within_budget"] is True and relaxed["findings"] == []
+    # The newest stored report is the default project.
+    assert api.get("/cost-estimate/metricflow_time_spine").json()["report_id"] == report_id
+
+    # A model the caller's roles deny reads exactly like one that does not exist.
+    hidden = _assert_problem(api.get("/cost-estimate/stg_orders", params={"report_id": report_id}), 404)
+    absent = _assert_problem(api.get("/cost-estimate/stg_orderz", params={"report_id": report_id}), 404)
+    assert hidden["detail"] == absent["detail"].replace("stg_orderz", "stg_orders")
+    missing = _assert_problem(api.get("/cost-estimate/orders", params={"report_id": str(uuid.uuid4())}), 404)
+    assert "POST /validate first" in missing["detail"]
+    _assert_problem(api.get("/cost-estimate/not a model"), 422)
+    _assert_problem(api.get("/cost-estimate/orders", params={"max_output_rows": -1}), 422)
+
+
+# -- POST /validate with a project directory --------------------------------------------------------------------
+
+
+def test_a_project_directory_is_compiled_and_validated_with_its_own_cdme_yml(
+    service: Service, api: httpx.Client
+) -> None:
+    response = api.post(
+        "/validate", json={"project_dir": str(PROJECT_DIR), "vars": {"epoch_date": "2026-11-20"}}
+    )
+    assert response.status_code == 201, response.text
+    report = response.json()
+    assert report["status"] == "passed" and report["summary"]["errors"] == 0
+    # cdme.yml was read from the project: the execution plan knows the error sink and the declared filter.
+    steps = {s["model"]: s for s in report["plan"]["steps"]}
+    assert steps["int_trades_active"]["lossy"] is True and steps["int_trades_active"]["declared"] is True
+    stored = _rows(service, "select project from cdme_validation.reports where id = %s", report["id"])
+    assert stored == [("cdme_trading",)]
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"project_dir": "/etc"}, "body.project_dir: not a project this service may read"),
+        (
+            {"project_dir": f"{PROJECT_DIR}/../../../../etc"},
+            "body.project_dir: not a project this service may read",
+        ),
+        ({"project_dir": str(PROJECT_DIR / "models")}, "has no dbt_project.yml"),
+        ({"manifest": {}, "project_dir": str(PROJECT_DIR)}, "give exactly one of `manifest`"),
+        ({}, "give exactly one of `manifest`"),
+        ({"manifest": {}, "vars": {"a": 1}}, "`vars` compile a `project_dir`"),
+    ],
+)
+def test_project_directories_outside_the_allowed_roots_or_ambiguous_bodies_are_422(
+    api: httpx.Client, body: dict[str, Any], detail: str
+) -> None:
+    problem = _assert_problem(api.post("/validate", json=body), 422)
+    assert detail in problem["detail"]

@@ -31,19 +31,19 @@ def test_migrate_twice_is_idempotent_and_keeps_alembic_in_the_service_schema(
     new_database: Callable[[], str],
 ) -> None:
     url = new_database()
-    assert migrate(url, "validation") == "0001"
+    assert migrate(url, "validation") == "0002"
     with psycopg.connect(url) as conn:
         conn.execute(
             "insert into cdme_validation.reports (id, principal, manifest_checksum, status, errors, warnings, report)"
             " values (gen_random_uuid(), 'p', 'sha256:x', 'passed', 0, 0, '{}')"
         )
 
-    assert migrate(url, "validation") == "0001"
+    assert migrate(url, "validation") == "0002"
 
     assert _tables(url, "cdme_validation") == ["alembic_version", "reports"]
     with psycopg.connect(url) as conn:
         assert conn.execute("select version_num from cdme_validation.alembic_version").fetchall() == [
-            ("0001",)
+            ("0002",)
         ]
         assert conn.execute("select count(*) from cdme_validation.reports").fetchone() == (1,)
         # Nothing of Alembic's leaks into the default schema.
@@ -76,7 +76,7 @@ def test_concurrent_migrations_apply_once(new_database: Callable[[], str]) -> No
     url = new_database()
     with ThreadPoolExecutor(max_workers=4) as pool:
         revisions = list(pool.map(lambda _: migrate(url, "validation"), range(4)))
-    assert revisions == ["0001"] * 4
+    assert revisions == ["0002"] * 4
     assert _tables(url, "cdme_validation") == ["alembic_version", "reports"]
 
 

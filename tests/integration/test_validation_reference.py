@@ -527,3 +527,35 @@ def test_paths_follow_the_reference_projects_relationship_tests(
         compiled, "snap_counterparties.counterparty_id", ldm=ldm, roles=frozenset({"data_engineer"})
     )
     assert allowed.valid
+
+
+def test_a_join_across_epochs_must_match_them_or_declare_its_temporal_semantics(
+    compiled: Manifest, config: ProjectConfig
+) -> None:
+    trades = compiled.sources["source.cdme_trading.raw_trading.trades"].relation_name
+    factors = compiled.sources["source.cdme_trading.raw_risk.risk_factors"].relation_name
+    assert trades is not None and factors is not None
+    # Both raw tables declare epoch_column: epoch_date. Matching currencies alone pairs every epoch with every other.
+    across = _mutate_sql(
+        compiled,
+        "stg_trades",
+        f"from {trades}",
+        f"from {trades} as t\ninner join {factors} as rf on rf.currency = t.currency",
+    )
+    caught = [f for f in _validate(across, config).errors if f.rule == "lookups"]
+    assert [(f.model, f.message) for f in caught] == [
+        (
+            "stg_trades",
+            "joins raw_risk.risk_factors to raw_trading.trades across epochs: the join does not match "
+            "`rf.epoch_date` with `t.epoch_date`; join on the epoch, or declare the temporal semantics "
+            "(meta.cdme.lookups.raw_risk.risk_factors: version as_of or var)",
+        )
+    ]
+    assert caught[0].code == "CDME-V030"
+    same_epoch = _mutate_sql(
+        across,
+        "stg_trades",
+        "on rf.currency = t.currency",
+        "on rf.currency = t.currency and rf.epoch_date = t.epoch_date",
+    )
+    assert [f for f in _validate(same_epoch, config).errors if f.rule == "lookups"] == []

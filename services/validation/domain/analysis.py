@@ -263,6 +263,22 @@ def _is_mart(node: ManifestNode) -> bool:
     )
 
 
+def _equates_epochs(join: exp.Join, side: tuple[str, str], others: list[tuple[str, str, str]]) -> bool:
+    """Whether the join's ON holds `side.epoch = other.epoch` for one of the relations joined before it."""
+    condition = join.args.get("on")
+    if condition is None:
+        return False
+    wanted = {(alias, column) for alias, _, column in others}
+    for eq in condition.find_all(exp.EQ):
+        left, right = eq.this, eq.expression
+        if not (isinstance(left, exp.Column) and isinstance(right, exp.Column)):
+            continue
+        ends = {(left.table.lower(), left.name.lower()), (right.table.lower(), right.name.lower())}
+        if side in ends and ends - {side} <= wanted and len(ends) == 2:
+            return True
+    return False
+
+
 def _did_you_mean(name: str, candidates: Iterator[str] | list[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
@@ -325,6 +341,7 @@ class _ModelAnalysis:
             self._check_scope(scope)
             self._check_types(scope)
         self._check_grain(qualified)
+        self._check_epochs(qualified)
         schema = self._output_schema(qualified, scopes[-1] if scopes else None)
         self._check_governance(schema)
         return schema
@@ -638,6 +655,49 @@ class _ModelAnalysis:
             else:
                 message = f"aggregates {name} ({grain}) to {entity.grain}, which does not coarsen {grain} in cdme.yml"
             self.findings.append(Finding.of("grain", "VIOLATION", self.name, message))
+
+    # -- epochs -----------------------------------------------------------------------------------------------
+
+    def _epoch_of(self, table: exp.Table) -> tuple[str, str] | None:
+        """The entity name and epoch column of a relation that declares one (`meta.cdme.epoch_column`)."""
+        ldm = self.ctx.ldm
+        uid = self._uid(table) if table.db and ldm is not None else None
+        upstream = ldm.by_unique_id(uid) if ldm is not None and uid else None
+        if upstream is None or upstream.epoch_column is None:
+            return None
+        return upstream.name, upstream.epoch_column.lower()
+
+    def _check_epochs(self, qualified: exp.Expr) -> None:
+        """A join of two epoch-partitioned relations either matches their epochs or declares how they relate."""
+        ldm = self.ctx.ldm
+        entity = ldm.by_unique_id(self.node.unique_id) if ldm else None
+        if ldm is None or entity is None:
+            return
+        # as_of and var say which version of the other side applies; latest and exact do not relate two epochs.
+        temporal = {lk.entity for lk in entity.lookups if lk.version in {"as_of", "var"}}
+        for select in qualified.find_all(exp.Select):
+            source = select.args.get("from_")
+            seen: list[tuple[str, str, str]] = []  # alias, entity, epoch column of each epoch relation so far
+            if source is not None and isinstance(source.this, exp.Table):
+                found = self._epoch_of(source.this)
+                if found is not None:
+                    seen.append((source.this.alias_or_name.lower(), *found))
+            for join in select.args.get("joins") or []:
+                if not isinstance(join.this, exp.Table):
+                    continue
+                found = self._epoch_of(join.this)
+                if found is None:
+                    continue
+                alias, name, column = join.this.alias_or_name.lower(), *found
+                if seen and name not in temporal and not _equates_epochs(join, (alias, column), seen):
+                    other_alias, other, other_column = seen[0]
+                    message = (
+                        f"joins {name} to {other} across epochs: the join does not match `{alias}.{column}` "
+                        f"with `{other_alias}.{other_column}`; join on the epoch, or declare the temporal "
+                        f"semantics (meta.cdme.lookups.{name}: version as_of or var)"
+                    )
+                    self._violation("lookups", message, at=join.this.name)
+                seen.append((alias, name, column))
 
     # -- governance -------------------------------------------------------------------------------------------
 

@@ -100,7 +100,8 @@ RULES: dict[str, Rule] = {
             "lookups",
             "REQ-VAL-LOOKUP",
             "error",
-            "Every non-driving upstream is a lookup with declared version semantics.",
+            "Every non-driving upstream is a lookup with declared version semantics; a join across epochs "
+            "declares its temporal semantics.",
         ),
         Rule(
             "CDME-V001",
