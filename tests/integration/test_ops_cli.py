@@ -14,7 +14,11 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 
+from services.cli.main import migratable_services
+from services.core.migrations import migrations_dir
 from tests.conftest import CliResult
 from tests.service_process import AUTH, TOKEN, free_port
 
@@ -27,6 +31,14 @@ def _schemas(url: str) -> set[str]:
     return {row[0] for row in rows}
 
 
+def _head(service: str) -> str:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir(service)))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 def test_migrate_all_brings_every_services_schema_to_head_and_is_idempotent(
     cli: Callable[..., CliResult], new_database: Callable[[], str]
 ) -> None:
@@ -34,22 +46,23 @@ def test_migrate_all_brings_every_services_schema_to_head_and_is_idempotent(
     first = cli("migrate", "--all", env={"CDME_WAREHOUSE_URL": url})
     again = cli("migrate", "--all", env={"CDME_WAREHOUSE_URL": url})
 
+    services = migratable_services()
+    assert "validation" in services
     assert first.returncode == 0, first.stderr
-    assert "cdme_validation: at revision 0001" in first.stdout.splitlines()
+    assert first.stdout.splitlines() == [f"cdme_{s}: at revision {_head(s)}" for s in services]
     assert again.returncode == 0 and again.stdout == first.stdout
-    migrated = {line.split(":")[0] for line in first.stdout.splitlines()}
-    assert _schemas(url) == migrated
+    assert _schemas(url) == {f"cdme_{s}" for s in services}
     with psycopg.connect(url) as conn:
-        assert conn.execute("select version_num from cdme_validation.alembic_version").fetchall() == [
-            ("0001",)
-        ]
+        for service in services:
+            [(revision,)] = conn.execute(f"select version_num from cdme_{service}.alembic_version").fetchall()
+            assert revision == _head(service)
 
 
 def test_migrate_one_service(cli: Callable[..., CliResult], new_database: Callable[[], str]) -> None:
     url = new_database()
     result = cli("migrate", "--service", "validation", env={"CDME_WAREHOUSE_URL": url})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "cdme_validation: at revision 0001\n"
+    assert result.stdout == f"cdme_validation: at revision {_head('validation')}\n"
     assert _schemas(url) == {"cdme_validation"}
 
 
