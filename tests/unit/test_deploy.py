@@ -9,6 +9,7 @@ provided by both.
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import re
@@ -25,6 +26,7 @@ import yaml
 from pydantic import SecretStr
 
 from services.cli.main import SERVICE_PORTS, app
+from services.core.auth import TokenAuthenticator
 from services.core.settings import PROJECT_ROOT, CdmeSettings
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
@@ -123,7 +125,7 @@ def _interpolate_all(node: Any, env: Mapping[str, str]) -> Any:
 
 SECRETS_ENV = {
     "CDME_WAREHOUSE_PASSWORD": "pw-for-tests",
-    "CDME_AUTH_TOKENS": "op-token=operator:data_engineer;svc-token=cdme-service:service",
+    "CDME_AUTH_TOKENS": "op-token=operator:data_engineer;svc-token=cdme-service:data_engineer,service",
     "CDME_SERVICE_TOKEN": "svc-token",
     "CDME_PEPPER": "a-pepper-of-some-length",
 }
@@ -170,6 +172,14 @@ def test_compose_has_postgres_a_migration_and_the_four_services(compose: dict[st
     assert migrate["restart"] == "no"
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
 
+    # `docker compose up --wait` accepts a one-shot container only if a long-running service waits for it.
+    one_shots = {name for name, s in services.items() if s.get("restart") == "no"}
+    assert one_shots == {"migrate"}
+    for name in one_shots:
+        assert all(
+            services[s]["depends_on"][name] == {"condition": "service_completed_successfully"}
+            for s in SERVICES
+        )
     images = {services[name]["image"] for name in ("migrate", *SERVICES)}
     assert len(images) == 1, "one image for every CDME container"
     assert all(services[name]["build"]["context"] == "." for name in ("migrate", *SERVICES))
@@ -533,6 +543,18 @@ def test_the_dev_overlay_adds_postgres_and_generated_secrets_in_its_namespace(
                 if "secretRef" in source:
                     assert source["secretRef"]["name"] in secrets, (where, source)
     assert _of_kind(dev, "PersistentVolumeClaim")["cdme-runs"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The generated secrets work with the code: the service token is a principal that sees every layer.
+    values = {k: base64.b64decode(v).decode() for k, v in cdme_secret["data"].items()}
+    settings = CdmeSettings(
+        auth_tokens=values["CDME_AUTH_TOKENS"],
+        warehouse_url=values["CDME_WAREHOUSE_URL"],
+        pepper=values["CDME_PEPPER"],
+    )
+    principal = TokenAuthenticator.from_settings(settings).authenticate(
+        f"Bearer {values['CDME_SERVICE_TOKEN']}"
+    )
+    assert "data_engineer" in principal.roles
+    assert settings.warehouse_url is not None and "@postgres:5432/" in settings.warehouse_url
     images = {
         c["image"] for _, pod in _pod_specs(dev) for c in pod["containers"] if "postgres" not in c["image"]
     }
