@@ -29,7 +29,7 @@ from schemathesis import checks as st_checks
 from schemathesis.core.result import Ok
 
 from services.core.webapp import PROBLEM_JSON, Problem
-from tests.service_process import AUTH, ServiceProcess
+from tests.service_process import AUTH, TOKEN, ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +98,7 @@ SQL_INJECTIONS = [
     "\\x00\u0000nul",
     "robert'); drop schema public cascade;--",
 ]
+PEPPER = "hardening-pepper-7f3a9c1e5b"
 TRAVERSALS = [
     "../../../../etc/passwd",
     "..%2f..%2f..%2fetc%2fpasswd",
@@ -117,7 +118,10 @@ def running(
     spec: ServiceUnderTest, new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     process = ServiceProcess(
-        new_database(), tmp_path_factory.mktemp(f"{spec.name}-hardening"), service=spec.name, env=spec.env
+        new_database(),
+        tmp_path_factory.mktemp(f"{spec.name}-hardening"),
+        service=spec.name,
+        env={"CDME_PEPPER": PEPPER, "CDME_LOG_LEVEL": "DEBUG", **spec.env},
     )
     try:
         process.start()
@@ -381,6 +385,16 @@ def test_hostile_headers_do_not_leak_into_responses(running: ServiceProcess) -> 
         assert response.status_code < 500
         assert "set-cookie" not in response.headers
     _assert_healthy(running)
+
+
+def test_the_token_and_the_pepper_reach_neither_logs_nor_documents(running: ServiceProcess) -> None:
+    # Runs after the hostile traffic above (same module-scoped process), with every log line at DEBUG.
+    with running.client(AUTH) as client:
+        client.post("/validate", json={"manifest": {"pepper": PEPPER}, "config": {"token": TOKEN}})
+        documents = [client.get("/openapi.json").text, client.get("/metrics").text]
+    for text in [*documents, running.log.read_text(errors="replace")]:
+        assert TOKEN not in text
+        assert PEPPER not in text
 
 
 # -- gaps in the shared scaffolding, for the lead: strict xfails turn red the day they are fixed ---------------------
