@@ -508,3 +508,25 @@ def test_project_directories_outside_the_allowed_roots_or_ambiguous_bodies_are_4
 ) -> None:
     problem = _assert_problem(api.post("/validate", json=body), 422)
     assert detail in problem["detail"]
+
+
+# -- U+0000 -------------------------------------------------------------------------------------------------------
+
+
+def test_a_nul_character_anywhere_is_a_located_422(service: Service, api: httpx.Client) -> None:
+    # PostgreSQL stores U+0000 in neither text nor jsonb: refused up front, with where it is.
+    before = _report_count(service)
+    manifest = {"metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json"}}
+    keyed = api.post("/validate", json={"manifest": {**manifest, "nodes": {"model.p.a\x00b": {}}}})
+    assert _assert_problem(keyed, 422)["detail"] == (
+        "body.manifest.nodes: a key contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    valued = api.post("/validate", json={"manifest": {**manifest, "nodes": {"n": {"name": ["ok", "a\x00"]}}}})
+    assert _assert_problem(valued, 422)["detail"] == (
+        "body.manifest.nodes.n.name[1]: contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    sql = api.post("/validate/mapping", json={"manifest": manifest, "name": "m", "sql": "select '\x00'"})
+    assert _assert_problem(sql, 422)["detail"] == (
+        "body.sql: contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    assert _report_count(service) == before
