@@ -54,7 +54,8 @@ def format_validation_benchmark(result: dict[str, Any]) -> list[str]:
     machine = result["machine"]
     load = machine.get("load_average_before")
     lines.append(
-        f"median of {result['repeat']} runs on {machine['cpus']} CPUs, {machine['platform']}, "
+        f"median of {result['repeat']} runs, {result.get('workers', 1)} workers, on {machine['cpus']} CPUs, "
+        f"{machine['platform']}, "
         f"Python {machine['python']}, {result['measured_at']}"
         + (f", load average {load} before" if load is not None else "")
     )
@@ -67,6 +68,9 @@ def bench_validate(
         int, typer.Option("--repeat", min=1, help="Runs per case; the median is reported.")
     ] = 3,
     output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes analysing models at once (0: one per CPU).")
+    ] = 0,
 ) -> None:
     """Time validation of the real projects, a 2,000-model synthetic project and one changed model.
 
@@ -75,7 +79,7 @@ def bench_validate(
     if output not in {"json", "text"}:
         msg = f"--format must be text or json, got {output!r}"
         raise UsageError(msg)
-    result = run_validation_benchmark(repeat)
+    result = run_validation_benchmark(repeat, workers=workers or None)
     if output == "json":
         typer.echo(json.dumps(result))
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import traceback
 from collections import Counter
@@ -20,6 +21,7 @@ import psycopg
 import typer
 from sqlalchemy import text
 
+from services.cli.adjoint import backward_command, impact_command, reconcile_command
 from services.cli.bench import bench_app
 from services.core.artifacts import (
     Catalog,
@@ -67,6 +69,9 @@ app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
 app.add_typer(bench_app, name="bench")
+app.command("backward")(backward_command)
+app.command("impact")(impact_command)
+app.command("reconcile")(reconcile_command)
 
 
 # -- warehouse ------------------------------------------------------------------------------------------------
@@ -349,6 +354,9 @@ def validate_command(
         typer.Option("--estimate-cost", help="Estimate each model's size from the warehouse's statistics."),
     ] = False,
     output: Annotated[str, typer.Option("--format", help="json or text.")] = "json",
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes analysing models at once (0: one per CPU).")
+    ] = 0,
 ) -> None:
     """Validate a project before dbt runs; exits 0 without error findings, 1 with, 2 on bad input."""
     if output not in {"json", "text"}:
@@ -381,6 +389,7 @@ def validate_command(
             principal=principal,
             roles=roles,
             stats=_warehouse_stats(settings, parsed) if estimate_cost else None,
+            workers=workers or os.cpu_count() or 1,
         )
     except UsageError:
         raise

@@ -40,6 +40,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
@@ -69,6 +70,8 @@ PROBLEM_JSON = "application/problem+json"
 OPERATIONS_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# FastAPI's detail when a body cannot be decoded at all (not even as text).
+_UNDECODABLE_BODY = "There was an error parsing the body"
 
 StateT = TypeVar("StateT")
 
@@ -470,6 +473,16 @@ def create_service_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         error = cast(StarletteHTTPException, exc)  # registered for HTTPException only
         detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
+        if error.status_code == 400 and detail == _UNDECODABLE_BODY:
+            # FastAPI's 400 for bytes that are not UTF-8: the same kind of mistake as malformed JSON, so a 422.
+            return problem(
+                422,
+                "body: not UTF-8 encoded JSON",
+                instance=request.url.path,
+                title="Invalid request",
+                type_="urn:cdme:problem:invalid-request",
+                errors=[{"location": "body", "message": "not UTF-8 encoded JSON"}],
+            )
         return problem(error.status_code, detail, instance=request.url.path, headers=error.headers)
 
     async def request_validation_error(request: Request, exc: Exception) -> Response:
@@ -487,6 +500,28 @@ def create_service_app(
         )
 
     app = FastAPI(title=title, summary=summary, version=version, lifespan=lifespan)
+
+    def openapi() -> dict[str, Any]:
+        # Every error body is a problem document, served as application/problem+json; FastAPI would document
+        # them (and its own 422) as application/json with its validation-error schema.
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            problem_schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
+            for item in document.get("paths", {}).values():
+                for operation in item.values():
+                    for status, response in operation.get("responses", {}).items():
+                        if status.isdigit() and int(status) >= 400:
+                            response["content"] = {PROBLEM_JSON: problem_schema}
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
     app.add_exception_handler(CdmeError, cdme_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

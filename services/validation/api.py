@@ -164,6 +164,10 @@ class ValidationResult(Outcome):
 
     id: uuid.UUID = Field(description="Fetch the report again at `/reports/{id}`.")
     plan: Plan = Field(default_factory=Plan, description="Each model lossless or lossy, and its checkpoints.")
+    costs: list[CostEstimate] = Field(
+        default_factory=list,
+        description="Each model's estimate, when `estimate_cost` or `budget` asked for it.",
+    )
 
 
 class DryRunRequest(ValidateRequest):
@@ -172,6 +176,15 @@ class DryRunRequest(ValidateRequest):
     budget: Budget | None = Field(
         default=None,
         description="Ceilings over the ones `cdme.yml` declares: max_output_rows, max_join_depth, max_intermediate_rows.",
+    )
+
+
+class ValidateProjectRequest(DryRunRequest):
+    """A project to validate and keep the report of; costs are estimated when asked for or budgeted."""
+
+    estimate_cost: bool = Field(
+        default=False,
+        description="Estimate each model's size from the warehouse's planner statistics (implied by `budget`).",
     )
 
 
@@ -354,9 +367,20 @@ def _validate_as(
         )
 
 
-def _validate_and_store(body: ValidateRequest, principal: Principal, context: Context) -> ValidationResult:
+def _validate_and_store(
+    body: ValidateProjectRequest, principal: Principal, context: Context
+) -> ValidationResult:
     project = _parse(body, context.settings)
-    report = _validate_as(principal, context, project.manifest, project.config, project.catalog)
+    costed = body.estimate_cost or body.budget is not None
+    report = _validate_as(
+        principal,
+        context,
+        project.manifest,
+        project.config,
+        project.catalog,
+        stats=_statistics(context, project.manifest) if costed else None,
+        budget=body.budget,
+    )
     outcome = _outcome(report)
     report_id = context.state.store.save(
         NewReport(
@@ -367,22 +391,31 @@ def _validate_and_store(body: ValidateRequest, principal: Principal, context: Co
             errors=outcome.summary.errors,
             warnings=outcome.summary.warnings,
             report=outcome.model_dump(mode="json", exclude={"status"})
-            | {"plan": report.plan.model_dump(mode="json")},
+            | {
+                "plan": report.plan.model_dump(mode="json"),
+                "costs": [c.model_dump(mode="json") for c in report.costs],
+            },
             artifacts=project.documents,
         )
     )
-    return ValidationResult(id=report_id, plan=report.plan, **outcome.model_dump())
+    return ValidationResult(id=report_id, plan=report.plan, costs=report.costs, **outcome.model_dump())
 
 
 @router.post("/validate", status_code=201)
 async def validate(
-    body: ValidateRequest, principal: PrincipalDep, context: ContextDep, request: Request, response: Response
+    body: ValidateProjectRequest,
+    principal: PrincipalDep,
+    context: ContextDep,
+    request: Request,
+    response: Response,
 ) -> ValidationResult:
     """Validate a compiled dbt manifest before dbt runs, and store the report.
 
     The body carries the artifacts themselves: `manifest` (a compiled `manifest.json`), optionally `catalog`
     and `config` (`cdme.yml` as JSON); or `project_dir` (with `vars`), a project on the service's filesystem
-    that it compiles without a warehouse and whose `cdme.yml` it reads. The answer is `passed` when no finding is an error, `rejected`
+    that it compiles without a warehouse and whose `cdme.yml` it reads. With `estimate_cost` or a `budget`,
+    each model's size is estimated from the warehouse's planner statistics and checked against the budgets
+    (`cdme.yml`'s, then the request's). The answer is `passed` when no finding is an error, `rejected`
     otherwise; every finding names its rule, the model and, where known, the line. The project is validated as
     the caller: with `config`, models whose `meta.cdme.access` the token's roles do not hold do not exist for
     it. The report is kept and can be fetched again at `/reports/{id}` (the `Location` header).

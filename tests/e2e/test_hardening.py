@@ -41,26 +41,31 @@ class ServiceUnderTest:
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
     location_fields: tuple[str, ...] = ()
+    # A 5xx found and reported but not fixed yet: (operation label, what is wrong). The generated test then
+    # xfails on exactly that operation, fails on any other, and fails once the operation passes.
+    known_5xx: tuple[str, str] | None = None
 
 
-# Add the adjoint, lineage and planner services here as they land.
-SERVICES = [ServiceUnderTest("validation", location_fields=("project_dir",))]
+# Add the lineage and planner services here as they land (a service whose readiness needs its peers needs
+# them running, or its env pointing at them).
+SERVICES = [
+    ServiceUnderTest("validation", location_fields=("project_dir",)),
+    ServiceUnderTest(
+        "adjoint",
+        known_5xx=("POST /impact", "U+0000 in `entity` reaches PostgreSQL as text: psycopg DataError, a 500"),
+    ),
+]
 # Generated cases per operation: enough to reach every branch of the request models, small enough for CI.
-MAX_EXAMPLES = 40
-# `services/core/webapp.py` documents problem bodies under `application/json` (they are served as
-# `application/problem+json`) and does not document the 400 FastAPI answers for a body it cannot decode. Until it
-# does, these two differences are checked by `problem_documents` and the strict xfail tests below instead of by
-# schemathesis's own content-type and status-code checks; everything else is checked as documented.
-BODY_NOT_DECODED = "There was an error parsing the body"
+MAX_EXAMPLES = 30
 
 
+# Errors are problem documents (content type, schema, request id) on top of schemathesis's own checks.
 @schemathesis.check
 def problem_documents(
     ctx: schemathesis.CheckContext, response: schemathesis.Response, case: Any
 ) -> bool | None:
-    """Every error is an RFC 9457 problem document carrying the response's request id; success as documented."""
+    """Every error is an RFC 9457 problem document carrying the response's request id."""
     if response.status_code < 400:
-        st_checks.content_type_conformance(ctx, response, case)
         return None
     assert response.headers.get("content-type") == [PROBLEM_JSON], response.headers.get("content-type")
     body = response.json()
@@ -72,20 +77,10 @@ def problem_documents(
     return None
 
 
-@schemathesis.check
-def documented_status(
-    ctx: schemathesis.CheckContext, response: schemathesis.Response, case: Any
-) -> bool | None:
-    """The status code is documented for the operation (but for the undecodable-body 400, see above)."""
-    if response.status_code == 400 and response.json().get("detail") == BODY_NOT_DECODED:
-        return None
-    st_checks.status_code_conformance(ctx, response, case)
-    return None
-
-
 CHECKS = [
     st_checks.not_a_server_error,
-    documented_status,
+    st_checks.status_code_conformance,
+    st_checks.content_type_conformance,
     problem_documents,
     st_checks.response_headers_conformance,
     st_checks.response_schema_conformance,
@@ -141,7 +136,9 @@ def _takes_input(operation: Any) -> bool:
     return bool(operation.body or list(operation.iter_parameters()))
 
 
-def test_generated_requests_get_documented_responses_and_no_5xx(running: ServiceProcess) -> None:
+def test_generated_requests_get_documented_responses_and_no_5xx(
+    spec: ServiceUnderTest, running: ServiceProcess
+) -> None:
     # schemathesis's own pytest plugin does not follow a parametrized fixture onto pytest 9, so each operation's
     # strategy is driven by Hypothesis here: valid requests and requests that break the schema, per operation.
     schema = schemathesis.openapi.from_url(f"{running.base_url}/openapi.json")
@@ -176,6 +173,11 @@ def test_generated_requests_get_documented_responses_and_no_5xx(running: Service
                 BaseExceptionGroup,
             ) as e:  # collected, so one run reports every operation that fails
                 failures.append(f"{operation.label} ({mode.value}): {type(e).__name__}: {str(e)[:2000]}")
+    if spec.known_5xx is not None:
+        label = spec.known_5xx[0]
+        known = [f for f in failures if f.startswith(f"{label} (")]
+        assert known, f"{label} passes now: remove known_5xx from {spec.name}'s entry"
+        failures = [f for f in failures if f not in known]
     assert not failures, "\n\n".join(failures)
     _assert_healthy(running)
     # Not vacuous: the service counted the generated requests of every operation (metrics are per route).
@@ -185,11 +187,14 @@ def test_generated_requests_get_documented_responses_and_no_5xx(running: Service
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
             if line.startswith(f"cdme_{running.service}_requests_total{{")
-            and f'route="{operation.path}"' in line
+            # Route templates may carry a converter (`{key:path}`) that the OpenAPI path does not show.
+            and re.sub(r":\w+}", "}", line).count(f'route="{operation.path}"') == 1
             and f'method="{operation.method.upper()}"' in line
         ]
         # An operation without input has one possible request, which Hypothesis sends and stops.
         assert sum(served) >= (MAX_EXAMPLES / 2 if _takes_input(operation) else 1), (operation.label, served)
+    if spec.known_5xx is not None:
+        pytest.xfail(f"{spec.known_5xx[0]}: {spec.known_5xx[1]}")
 
 
 def _assert_problem(response: httpx.Response, *statuses: int) -> dict[str, Any]:
@@ -415,13 +420,7 @@ def test_the_token_and_the_pepper_reach_neither_logs_nor_documents(running: Serv
         assert PEPPER not in text
 
 
-# -- gaps in the shared scaffolding, for the lead: strict xfails turn red the day they are fixed ---------------------
-
-
-def _on_validation_only(spec: ServiceUnderTest) -> None:
-    # The gap is in the shared scaffolding: one service shows it, and a strict xfail must not pass vacuously.
-    if spec.name != "validation":
-        pytest.xfail("checked on the validation service")
+# -- the OpenAPI document tells the truth about errors ---------------------------------------------------------------
 
 
 def _error_responses(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -432,11 +431,7 @@ def _error_responses(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[
                     yield f"{method.upper()} {path} {status}", status, response
 
 
-@pytest.mark.xfail(strict=True, reason="webapp.problem_responses documents problems as application/json")
-def test_the_openapi_document_declares_problem_bodies_as_problem_json(
-    spec: ServiceUnderTest, api: httpx.Client
-) -> None:
-    _on_validation_only(spec)
+def test_the_openapi_document_declares_problem_bodies_as_problem_json(api: httpx.Client) -> None:
     wrong = [
         where
         for where, _status, response in _error_responses(api.get("/openapi.json").json())
@@ -445,12 +440,14 @@ def test_the_openapi_document_declares_problem_bodies_as_problem_json(
     assert not wrong, wrong
 
 
-@pytest.mark.xfail(strict=True, reason="webapp answers an undecodable body with an undocumented 400")
 def test_an_undecodable_body_gets_a_documented_status(api: httpx.Client) -> None:
     document = api.get("/openapi.json").json()
-    for path in _post_operations(api):
+    templates = _post_templates(api)
+    assert templates
+    for template, path in templates:
         response = api.post(path, content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
-        assert str(response.status_code) in document["paths"][path]["post"]["responses"], (
+        assert str(response.status_code) in document["paths"][template]["post"]["responses"], (
             path,
             response.text,
         )
+        _assert_problem(response, 422)

@@ -135,7 +135,7 @@ def test_a_real_project_passes_and_its_report_is_stored(
     response = api.post("/validate", json={"manifest": jaffle})
     assert response.status_code == 201, response.text
     report = response.json()
-    assert set(report) == {"id", "status", "summary", "findings", "coverage", "plan"}
+    assert set(report) == {"id", "status", "summary", "findings", "coverage", "plan", "costs"}
     assert len(report["plan"]["steps"]) == 13
     assert report["status"] == "passed"
     assert report["summary"]["errors"] == 0
@@ -508,6 +508,21 @@ def test_project_directories_outside_the_allowed_roots_or_ambiguous_bodies_are_4
 ) -> None:
     problem = _assert_problem(api.post("/validate", json=body), 422)
     assert detail in problem["detail"]
+
+
+def test_validate_estimates_costs_when_budgeted_and_keeps_them_with_the_report(
+    api: httpx.Client, jaffle: dict[str, Any]
+) -> None:
+    plain = api.post("/validate", json={"manifest": jaffle}).json()
+    assert plain["costs"] == [] and plain["status"] == "passed"
+    budgeted = api.post("/validate", json={"manifest": jaffle, "budget": {"max_output_rows": 100}})
+    assert budgeted.status_code == 201, budgeted.text
+    report = budgeted.json()
+    costs = {c["model"]: c["rows"] for c in report["costs"]}
+    assert costs["metricflow_time_spine"] == 455
+    assert [f["model"] for f in report["findings"] if f["rule"] == "cost"] == ["metricflow_time_spine"]
+    assert report["status"] == "rejected"
+    assert api.get(f"/reports/{report['id']}").json()["costs"] == report["costs"]
 
 
 # -- U+0000 -------------------------------------------------------------------------------------------------------

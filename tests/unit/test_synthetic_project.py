@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from services.cli import bench as cli_bench
 from services.cli.main import app, main
 from services.core.artifacts import Manifest, parse_manifest
-from services.validation.domain import Report, validate_project
+from services.validation.domain import Report, analysis, validate_project
 from services.validation.domain.bench import run_validation_benchmark
 from services.validation.domain.synthetic import EXTRA_COLUMN, change_one_model, synthetic_manifest
 
@@ -102,6 +102,21 @@ def test_one_model_changes_and_stays_valid(project: tuple[dict[str, Any], Manife
     assert report.coverage.column_share > 0.95
 
 
+def test_forked_workers_give_exactly_the_report_one_process_gives(
+    project: tuple[dict[str, Any], Manifest, Report], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, manifest, serial = project
+    # Every level forks, however small, so the parallel path is the one under test.
+    monkeypatch.setattr(analysis, "_PARALLEL_MIN_MODELS", 1)
+    analysis._CACHE.clear()
+    parallel = validate_project(manifest, workers=2)
+    assert parallel == serial
+    # The children's results were cached by the parent: a second run analyses nothing again.
+    cached = len(analysis._CACHE)
+    assert cached >= MODELS and validate_project(manifest, workers=2) == serial
+    assert len(analysis._CACHE) == cached
+
+
 def test_the_benchmark_reports_every_case_and_writes_its_result(tmp_path: Path) -> None:
     out = tmp_path / "validate.json"
     result = run_validation_benchmark(1, synthetic_models=24, research_data=tmp_path / "none", out=out)
@@ -165,7 +180,7 @@ def test_text_output_names_each_case_and_goal() -> None:
         "goal: about 700 real models in <= 3 s (13 models: <= 56 ms); measured 52 ms, 0.94x the goal: met"
     )
     assert lines[5] == "goal: one changed model in <= 100 ms; measured 250 ms, 2.50x the goal: missed"
-    assert lines[6].startswith("median of 3 runs on 2 CPUs")
+    assert lines[6].startswith("median of 3 runs, 1 workers, on 2 CPUs")
     assert lines[6].endswith(", load average 0.25 before")
 
 
@@ -175,12 +190,16 @@ def test_the_command_prints_the_result(
 ) -> None:
     result = json.loads(json.dumps(FAKE_RESULT))
     result["totals"]["errors"] = errors
-    monkeypatch.setattr(cli_bench, "run_validation_benchmark", lambda repeat: result | {"repeat": repeat})
+    monkeypatch.setattr(
+        cli_bench,
+        "run_validation_benchmark",
+        lambda repeat, workers: result | {"repeat": repeat, "workers": workers or 2},
+    )
     run = CliRunner().invoke(app, ["bench", "validate", "--repeat", "2", "--format", output])
     assert run.exit_code == code, run.output
     stdout = run.stdout
     if output == "json":
-        assert json.loads(stdout) == result | {"repeat": 2}
+        assert json.loads(stdout) == result | {"repeat": 2, "workers": 2}
     else:
         assert stdout.splitlines()[0] == "jaffle-shop (13 models): 0.052 s"
         assert "written to" in stdout.splitlines()[-1]

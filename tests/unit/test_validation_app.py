@@ -93,5 +93,6 @@ def test_unknown_routes_and_methods_are_problems(app: FastAPI) -> None:
 def test_the_openapi_document_describes_routes_from_their_docstrings(app: FastAPI) -> None:
     paths = TestClient(app).get("/openapi.json").json()["paths"]
     assert "nothing is stored" in paths["/validate/mapping"]["post"]["description"]
-    assert "Validating a project directory is not supported" in paths["/validate"]["post"]["description"]
+    assert "or `project_dir` (with `vars`)" in paths["/validate"]["post"]["description"]
+    assert set(paths["/cost-estimate/{model}"]["get"]["responses"]) >= {"200", "401", "404", "422", "503"}
     assert set(paths["/reports/{report_id}"]["get"]["responses"]) >= {"200", "401", "404", "422"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import difflib
 import logging
+import multiprocessing
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -903,11 +904,11 @@ def _schema_fingerprint(schema: RelationSchema | None) -> object:
     return None if schema is None else (tuple(schema.columns.items()), schema.complete, schema.personal)
 
 
-def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) -> _Analysed:
+def _cache_key(ctx: _Context, node: ManifestNode, relations_fingerprint: int) -> int:
     declared = None
     if ctx.ldm is not None and (entity := ctx.ldm.by_unique_id(node.unique_id)) is not None:
         declared = (bool(node.cdme), entity.model_dump_json())
-    key = hash(
+    return hash(
         (
             node.unique_id,
             node.compiled_code,
@@ -919,13 +920,12 @@ def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) 
             tuple((uid, _schema_fingerprint(ctx.schemas.get(uid))) for uid in node.depends_on.nodes),
         )
     )
-    cached = _CACHE.get(key)
-    if cached is not None:
-        _CACHE.move_to_end(key)
-        return cached
+
+
+def _run_analysis(ctx: _Context, node: ManifestNode) -> _Analysed:
     analysis = _ModelAnalysis(ctx, node)
     schema = analysis.run()
-    result = _Analysed(
+    return _Analysed(
         analysis.name,
         schema,
         tuple(analysis.findings),
@@ -933,10 +933,76 @@ def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) 
         analysis.unknown_relations,
         analysis.plan,
     )
+
+
+def _remember(key: int, result: _Analysed) -> None:
     _CACHE[key] = result
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
+
+
+def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) -> _Analysed:
+    key = _cache_key(ctx, node, relations_fingerprint)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        _CACHE.move_to_end(key)
+        return cached
+    result = _run_analysis(ctx, node)
+    _remember(key, result)
     return result
+
+
+# What forked workers analyse against: set just before the fork, so children inherit it without pickling.
+_FORKED_CONTEXT: _Context | None = None
+# Below this many uncached models in one level, forking costs more than it saves.
+_PARALLEL_MIN_MODELS = 100
+
+
+def _analyse_in_worker(uid: str) -> _Analysed:
+    assert _FORKED_CONTEXT is not None  # set by _prefetch before the pool forks
+    return _run_analysis(_FORKED_CONTEXT, _FORKED_CONTEXT.manifest.nodes[uid])
+
+
+def _levels(manifest: Manifest, order: list[str]) -> list[list[str]]:
+    """`order` split into levels: every node's upstreams are in earlier levels, so a level runs in parallel."""
+    depth: dict[str, int] = {}
+    levels: list[list[str]] = []
+    for uid in order:
+        level = 1 + max((depth[d] for d in manifest.nodes[uid].depends_on.nodes if d in depth), default=-1)
+        depth[uid] = level
+        while len(levels) <= level:
+            levels.append([])
+        levels[level].append(uid)
+    return levels
+
+
+def _prefetch(ctx: _Context, uids: list[str], relations_fingerprint: int, workers: int) -> None:
+    """Analyse a level's uncached models in `workers` forked processes and cache the results.
+
+    SQL parsing and qualification are CPU-bound Python, so threads would not help; forked children inherit the
+    context (every upstream schema is already resolved) and send back only each model's small result.
+    """
+    # A module global is the one way to hand a forked child its context without pickling it.
+    global _FORKED_CONTEXT
+    pending = {}
+    for uid in uids:
+        node = ctx.manifest.nodes[uid]
+        if node.resource_type == "seed":
+            continue
+        key = _cache_key(ctx, node, relations_fingerprint)
+        if key not in _CACHE:
+            pending[uid] = key
+    if len(pending) < _PARALLEL_MIN_MODELS:
+        return
+    _FORKED_CONTEXT = ctx
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunk = max(1, len(pending) // (workers * 8))
+            results = pool.map(_analyse_in_worker, list(pending), chunksize=chunk)
+    finally:
+        _FORKED_CONTEXT = None
+    for key, result in zip(pending.values(), results, strict=True):
+        _remember(key, result)
 
 
 def _yaml_key(node: ManifestNode) -> list[tuple[str, str | None]]:
@@ -998,6 +1064,7 @@ def analyze_project(
     project_dir: Path | None = None,
     principal: str | None = None,
     roles: frozenset[str] | None = None,
+    workers: int = 1,
 ) -> Report:
     """Validate every model of `manifest`; every finding is reported, not only the first.
 
@@ -1008,12 +1075,20 @@ def analyze_project(
         project_dir: The project's directory, to read seed headers when there is no catalog.
         principal: Who asks; with `roles`, entities their roles do not allow do not exist for the analysis.
         roles: The principal's roles (None: no access control applied).
+        workers: Processes that analyse the models of one topological level at once (forked: use more than
+            one only from a single-threaded process, such as the CLI).
 
     Returns:
-        The findings, the coverage of the analysis, and the execution plan.
+        The findings, the coverage of the analysis, and the execution plan; the same whatever `workers`.
     """
     return _analyze(
-        manifest, catalog=catalog, ldm=ldm, project_dir=project_dir, principal=principal, roles=roles
+        manifest,
+        catalog=catalog,
+        ldm=ldm,
+        project_dir=project_dir,
+        principal=principal,
+        roles=roles,
+        workers=workers,
     )[0]
 
 
@@ -1025,6 +1100,7 @@ def _analyze(
     project_dir: Path | None = None,
     principal: str | None = None,
     roles: frozenset[str] | None = None,
+    workers: int = 1,
 ) -> tuple[Report, dict[str, RelationSchema]]:
     ctx = _Context(
         manifest=manifest,
@@ -1075,23 +1151,38 @@ def _analyze(
     models = 0
     unresolved: list[str] = []
     totals = _Stats()
-    for uid in topological_order(manifest):
+    analysed: dict[str, tuple[_Analysed, RelationSchema]] = {}
+
+    def resolve(uid: str) -> None:
         node = manifest.nodes[uid]
-        if not node.config.enabled or uid in hidden_ids:
-            continue
         base = _base_schema(node, catalog, project_dir)
         if node.resource_type == "seed":
             seed = base or RelationSchema(_yaml_columns(node), complete=False, origin="yaml")
             seed.personal = _declared_personal(ldm, uid)
             ctx.schemas[uid] = seed
-            continue
+            return
         analysis = _analysis_of(ctx, node, relations_fingerprint)
-        inferred = analysis.schema
         if base is not None:
-            base.personal = inferred.personal | _declared_personal(ldm, uid)
-        ctx.schemas[uid] = base or inferred
-        if node.resource_type != "model":
+            base.personal = analysis.schema.personal | _declared_personal(ldm, uid)
+        ctx.schemas[uid] = base or analysis.schema
+        if node.resource_type == "model":
+            analysed[uid] = (analysis, analysis.schema)
+
+    order = [
+        uid
+        for uid in topological_order(manifest)
+        if manifest.nodes[uid].config.enabled and uid not in hidden_ids
+    ]
+    for level in _levels(manifest, order) if workers > 1 else [order]:
+        if workers > 1:
+            _prefetch(ctx, level, relations_fingerprint, workers)
+        for uid in level:
+            resolve(uid)
+    # In topological order whatever the parallelism, so a report reads the same with one worker or several.
+    for uid in order:
+        if uid not in analysed:
             continue
+        analysis, inferred = analysed[uid]
         models += 1
         if analysis.plan is not None:
             steps.append(analysis.plan)

@@ -74,23 +74,23 @@ def _case(name: str, kind: str, seconds: list[float], report: Report, **extra: A
     }
 
 
-def _cold_case(name: str, kind: str, manifest: Manifest, repeat: int) -> dict[str, Any]:
-    seconds, report = _timed(lambda: validate_project(manifest), repeat, _cold)
+def _cold_case(name: str, kind: str, manifest: Manifest, repeat: int, workers: int) -> dict[str, Any]:
+    seconds, report = _timed(lambda: validate_project(manifest, workers=workers), repeat, _cold)
     return _case(name, kind, seconds, report)
 
 
-def _one_change_case(original: Manifest, changed: Manifest, repeat: int) -> dict[str, Any]:
+def _one_change_case(original: Manifest, changed: Manifest, repeat: int, workers: int) -> dict[str, Any]:
     reanalysed: list[int] = []
 
     def warm() -> None:
         # Re-warmed from empty each time: otherwise the changed model's own result from the previous repeat
         # would be cached too, and the repeat would time no analysis at all.
         _cold()
-        validate_project(original)
+        validate_project(original, workers=workers)
         reanalysed.append(-len(analysis._CACHE))
 
     def validate() -> Report:
-        report = validate_project(changed)
+        report = validate_project(changed, workers=workers)
         reanalysed[-1] += len(analysis._CACHE)
         return report
 
@@ -128,6 +128,7 @@ def run_validation_benchmark(
     synthetic_models: int = SYNTHETIC_MODELS,
     research_data: Path = RESEARCH_DATA,
     out: Path | None = RESULTS_PATH,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Time `validate_project` on real projects, a synthetic project and one changed model.
 
@@ -140,6 +141,7 @@ def run_validation_benchmark(
         synthetic_models: Models of the synthetic project.
         research_data: The directory of real compiled manifests.
         out: Where to write the result as JSON (None: nowhere).
+        workers: Processes analysing independent models at once (default: one per CPU, as `cdme validate`).
 
     Returns:
         `cases` (name, kind, models, median and individual seconds, errors, column share), `totals`, `goals`
@@ -154,19 +156,21 @@ def run_validation_benchmark(
         raise ValueError(msg)
     # Figures taken while something else keeps the CPUs busy are slower; the load says whether they were.
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    workers = workers or os.cpu_count() or 1
     cases = [
-        _cold_case(path.name.split("-v12")[0], "real", load_manifest(path), repeat)
+        _cold_case(path.name.split("-v12")[0], "real", load_manifest(path), repeat, workers)
         for path in sorted(research_data.glob("*.json.gz"))
     ]
     data = synthetic_manifest(synthetic_models, seed=SYNTHETIC_SEED)
     synthetic = parse_manifest(data, "synthetic")
-    cases.append(_cold_case("synthetic", "synthetic", synthetic, repeat))
+    cases.append(_cold_case("synthetic", "synthetic", synthetic, repeat, workers))
     changed = parse_manifest(change_one_model(data, seed=CHANGE_SEED), "synthetic, one model changed")
-    cases.append(_one_change_case(synthetic, changed, repeat))
+    cases.append(_one_change_case(synthetic, changed, repeat, workers))
     real = [c for c in cases if c["kind"] == "real"]
     result = {
         "benchmark": "validate",
         "repeat": repeat,
+        "workers": workers,
         "cases": cases,
         "totals": {
             "real_models": sum(c["models"] for c in real),

@@ -24,6 +24,7 @@ def validate_project(
     roles: frozenset[str] | None = None,
     stats: Mapping[tuple[str, str], TableStats] | None = None,
     budget: Budget | None = None,
+    workers: int = 1,
 ) -> Report:
     """Every finding about a project, declarations first.
 
@@ -38,6 +39,8 @@ def validate_project(
         roles: The principal's roles; models they do not allow do not exist for this validation.
         stats: The warehouse's planner statistics (`warehouse_stats`): given, cost is estimated and budgeted.
         budget: A budget from the request, over the ones `cdme.yml` declares.
+        workers: Processes analysing independent models at once (forked; the CLI uses one per CPU, the
+            service one, since forking a threaded server is unsafe).
 
     Returns:
         The report; `report.errors` empty means the project may run.
@@ -60,7 +63,13 @@ def validate_project(
                     )
                 )
     analysis = analyze_project(
-        manifest, catalog=catalog, ldm=ldm, project_dir=project_dir, principal=principal, roles=roles
+        manifest,
+        catalog=catalog,
+        ldm=ldm,
+        project_dir=project_dir,
+        principal=principal,
+        roles=roles,
+        workers=workers,
     )
     report = Report(findings=findings + analysis.findings, coverage=analysis.coverage, plan=analysis.plan)
     if stats is not None:

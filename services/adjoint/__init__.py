@@ -1,0 +1,1 @@
+"""The adjoint service: record-level lineage (backward, impact, reconciliation) captured per run."""

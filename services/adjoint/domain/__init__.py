@@ -1,0 +1,1 @@
+"""Adjoint domain: capture derivation, storage and queries (no web framework)."""

@@ -1,0 +1,672 @@
+"""Capture: one run's adjoint metadata, written set-based in the warehouse.
+
+For every model that succeeded in the run (run_results status `success`) and each driving upstream, the capture
+SQL of `derive` runs as `INSERT ... SELECT` into fresh tables that become the run's partitions of
+`cdme_adjoint.mapped`, `filtered` and `errored`; no key set ever travels to Python. Everything happens in one
+transaction: the previous capture of the run (if any) is dropped and the new partitions attached at commit, so
+capturing twice yields the same rows, never duplicates, and a failed capture leaves the previous one.
+
+Per morphism (model M, driving upstream U), with `input` the keys of U (of the run's epoch, when U is a source
+with an `epoch_column`):
+
+- mapped: pairs (U key, M key) from the rewritten SQL;
+- errored: the rows of M's declared error sink whose `source_entity` is U;
+- filtered: input keys neither mapped nor errored whose rows fail an explicit predicate (first one failed);
+- unaccounted: input keys in none of the three; overlap: keys in two of them (both with samples).
+
+Lineage modes: `full` stores every pair; `summary` stores the pairs of a deterministic hash sample of source
+keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts; `key_derivable` stores no
+pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an order-independent digest of
+each morphism's input and output keys) that queries check before evaluating the SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from graphlib import TopologicalSorter
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine
+
+from services.adjoint.domain.derive import Derivation, Relation, derive
+from services.adjoint.domain.errors import CaptureInputError, DerivationError
+from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
+from services.core.artifacts import Manifest, RunResults
+from services.core.errors import LdmError, UsageError
+from services.core.ldm import Entity, Ldm, ProjectConfig, load_ldm
+from services.core.ldm.config import LineageMode
+
+logger = logging.getLogger("cdme.adjoint.capture")
+
+SCHEMA = "cdme_adjoint"
+PARTITIONED = ("mapped", "filtered", "errored")
+SAMPLES = 10
+_SAMPLE_SCALE = 1_000_000
+
+
+def normalise_run_id(run_id: str) -> str:
+    """The canonical text of a run id (a UUID, lower case with dashes).
+
+    Raises:
+        UsageError: `run_id` is not a UUID.
+    """
+    try:
+        return str(uuid.UUID(run_id))
+    except (ValueError, AttributeError, TypeError):
+        msg = f"run id {run_id!r} is not a UUID"
+        raise UsageError(msg) from None
+
+
+def partition_name(table: str, run_id: str) -> str:
+    """The name of a run's partition of `table` (`mapped_r<32 hex digits>`)."""
+    return f"{table}_r{uuid.UUID(run_id).hex}"
+
+
+def relation_of(entity: Entity) -> Relation:
+    """The relation dbt built (or reads) for an entity."""
+    return Relation(entity.database, entity.schema_name, entity.identifier)
+
+
+@dataclass(frozen=True)
+class NotCaptured:
+    """A model of the run that has no adjoint metadata, and why."""
+
+    unique_id: str
+    reason: str
+
+
+@dataclass
+class Morphism:
+    """One (model, driving upstream) pair to capture, with its derivation."""
+
+    morphism_id: int
+    model: Entity
+    upstream: Entity
+    kind: str
+    derivation: Derivation
+    sink: Entity | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def input_sql(self, epoch: date) -> str:
+        """The distinct `cdme-key/v1` keys of the upstream that this run's morphism takes as input."""
+        assert self.upstream.key is not None
+        key = key_sql_text(self.upstream.key.columns)
+        text = f"select distinct {key} as k from {relation_of(self.upstream).sql()}"
+        if self.upstream.resource_type == "source" and self.upstream.epoch_column:
+            column = sql.Identifier(self.upstream.epoch_column).as_string()
+            text += f" where {column} = date '{epoch.isoformat()}'"
+        return text
+
+    def output_sql(self) -> str:
+        """The `cdme-key/v1` keys of the model's built relation."""
+        assert self.model.key is not None
+        return f"select {key_sql_text(self.model.key.columns)} as k from {relation_of(self.model).sql()}"
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """What a capture request will capture, and what it will not."""
+
+    morphisms: list[Morphism]
+    not_captured: list[NotCaptured]
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """The answer of `POST /runs/{run_id}/capture`."""
+
+    run_id: str
+    lineage_mode: LineageMode
+    captured: list[str]
+    not_captured: list[NotCaptured]
+    pairs: int
+    seconds: float
+
+
+def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> CapturePlan:
+    """The morphisms of the run's succeeded models, each with its derived capture SQL.
+
+    Args:
+        ldm: The project's logical data model.
+        manifest: The run's manifest (compiled SQL of each model).
+        run_results: The run's results: only models with status `success` are captured.
+
+    Returns:
+        The morphisms to capture (in dependency order) and the models left out with the reason.
+    """
+    statuses = {r.unique_id: r.status for r in run_results.results}
+    morphisms: list[Morphism] = []
+    not_captured: list[NotCaptured] = []
+    models = [e for e in ldm if e.resource_type == "model" and not e.is_error_sink]
+    order = {uid: i for i, uid in enumerate(_model_order(manifest))}
+    for entity in sorted(models, key=lambda e: order.get(e.unique_id, len(order))):
+        status = statuses.get(entity.unique_id)
+        if status != "success":
+            reason = "not run in this run" if status is None else f"dbt status {status}"
+            not_captured.append(NotCaptured(entity.unique_id, reason))
+            continue
+        node = manifest.nodes.get(entity.unique_id)
+        problem = _unsupported(entity, node.compiled_code if node else None)
+        if problem is not None:
+            not_captured.append(NotCaptured(entity.unique_id, problem))
+            continue
+        assert node is not None and node.compiled_code is not None
+        lookups = {lk.entity for lk in entity.lookups}
+        drivers = (
+            [u for u in entity.upstreams if u not in lookups]
+            if entity.kind == "union"
+            else [entity.driving]
+            if entity.driving
+            else []
+        )
+        if not drivers:
+            not_captured.append(NotCaptured(entity.unique_id, "no driving upstream is declared or inferable"))
+            continue
+        sink = ldm.entities.get(entity.error_sink) if entity.error_sink else None
+        for name in drivers:
+            assert name is not None
+            upstream = ldm.entities.get(name)
+            if upstream is None or upstream.key is None:
+                not_captured.append(
+                    NotCaptured(entity.unique_id, f"its driving upstream {name} has no record key")
+                )
+                continue
+            assert entity.key is not None
+            try:
+                derivation = derive(
+                    node.compiled_code,
+                    entity.name,
+                    relation_of(upstream),
+                    upstream.key.columns,
+                    entity.key.columns,
+                    relation_of(entity),
+                )
+            except DerivationError as e:
+                not_captured.append(NotCaptured(entity.unique_id, str(e)))
+                continue
+            kind = entity.kind or derivation.inferred_kind
+            morphisms.append(Morphism(len(morphisms) + 1, entity, upstream, kind, derivation, sink))
+    return CapturePlan(morphisms, not_captured)
+
+
+def _model_order(manifest: Manifest) -> list[str]:
+    graph = {uid: list(node.depends_on.nodes) for uid, node in manifest.nodes.items()}
+    return list(TopologicalSorter(graph).static_order())
+
+
+def _unsupported(entity: Entity, compiled: str | None) -> str | None:
+    if entity.materialized == "ephemeral":
+        return "ephemeral: it has no relation of its own (its SQL is captured inside its consumers)"
+    if entity.key is None:
+        return "no record key is declared or inferable (meta.cdme.key, a unique test or a primary key)"
+    if not compiled:
+        return "the manifest has no compiled SQL for it"
+    return None
+
+
+def load_run_ldm(manifest: Manifest, config: ProjectConfig, lineage_mode: LineageMode) -> Ldm:
+    """The LDM of the run's manifest.
+
+    Raises:
+        CaptureInputError: The manifest's declarations are invalid.
+    """
+    try:
+        return load_ldm(manifest, config, lineage_mode=lineage_mode)
+    except LdmError as e:
+        msg = f"the run's manifest has invalid CDME declarations: {e}"
+        raise CaptureInputError(msg) from e
+
+
+def _execute(cur: psycopg.Cursor[Any], statement: sql.SQL | sql.Composed | str) -> None:
+    # Capture SQL carries no bind parameters (values are composed as literals), so a `%` in it stays literal.
+    cur.execute(sql.SQL(statement) if isinstance(statement, str) else statement)
+
+
+def _scalar(cur: psycopg.Cursor[Any], statement: sql.SQL | sql.Composed | str) -> Any:
+    _execute(cur, statement)
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def _part(table: str, run_id: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(partition_name(table, run_id)))
+
+
+def _columns_of(table: str) -> str:
+    return {
+        "mapped": "run_id text not null, morphism_id integer not null, source_key text not null, "
+        "target_key text not null",
+        "filtered": "run_id text not null, morphism_id integer not null, source_key text not null, "
+        "condition_index integer not null",
+        "errored": "run_id text not null, morphism_id integer not null, source_key text not null, "
+        "failure_type text, offending_values jsonb, source_epoch date, morphism_path text[]",
+    }[table]
+
+
+_INDEXES = {
+    "mapped": (
+        ("backward", "morphism_id, target_key, source_key"),
+        ("forward", "morphism_id, source_key, target_key"),
+    ),
+    "filtered": (("key", "morphism_id, source_key"),),
+    "errored": (("key", "morphism_id, source_key"),),
+}
+
+
+def _envelope(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
+    """Count, min/max and an order-independent digest (sum of 64-bit hashes) of a key set."""
+    with cur.connection.cursor() as plain:
+        _execute(
+            plain,
+            sql.SQL(
+                "select count(*), min(k), max(k), coalesce(sum(hashtextextended(k, 0)::numeric), 0)::text from ({}) e"
+            ).format(sql.SQL(keys_sql)),
+        )
+        row = plain.fetchone()
+    assert row is not None
+    return {"count": int(row[0]), "min": row[1], "max": row[2], "digest": row[3]}
+
+
+def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
+    """The checkpoint envelope of the keys `keys_sql` selects (column `k`)."""
+    return _envelope(cur, keys_sql)
+
+
+class _Capture:
+    def __init__(
+        self,
+        cur: psycopg.Cursor[Any],
+        run_id: str,
+        epoch: date,
+        mode: LineageMode,
+        sample_rate: float,
+    ) -> None:
+        self.cur = cur
+        self.run_id = run_id
+        self.epoch = epoch
+        self.mode = mode
+        self.sample_rate = sample_rate
+        self.run = sql.Literal(run_id)
+
+    def prepare(self) -> None:
+        # Two captures of one run (two replicas, a retry) take turns instead of failing on each other's DDL.
+        _execute(self.cur, sql.SQL("select pg_advisory_xact_lock(hashtextextended({}, 7))").format(self.run))
+        for name, value in ENCODING_SESSION:
+            _execute(
+                self.cur,
+                sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value)),
+            )
+        _execute(
+            self.cur,
+            sql.SQL("delete from {}.runs where run_id = {}").format(sql.Identifier(SCHEMA), self.run),
+        )
+        for table in PARTITIONED:
+            _execute(self.cur, sql.SQL("drop table if exists {}").format(_part(table, self.run_id)))
+            _execute(
+                self.cur,
+                sql.SQL("create table {} ({}) with (autovacuum_enabled = false)").format(
+                    _part(table, self.run_id), sql.SQL(_columns_of(table))
+                ),
+            )
+
+    def morphism(self, m: Morphism) -> None:
+        cur, mid = self.cur, sql.Literal(m.morphism_id)
+        mapped, filtered, errored = (_part(t, self.run_id) for t in PARTITIONED)
+        _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest")
+        _execute(cur, f"create temp table _cdme_in on commit drop as {m.input_sql(self.epoch)}")
+        _execute(cur, f"create temp table _cdme_mapped on commit drop as {m.derivation.mapped_sql}")
+        if self.mode == "full":
+            stored = sql.SQL("select {}, {}, source_key, target_key from _cdme_mapped").format(self.run, mid)
+        elif self.mode == "summary":
+            stored = sql.SQL(
+                "select {}, {}, source_key, target_key from _cdme_mapped "
+                "where abs(hashtextextended(source_key, 0)) % {} < {}"
+            ).format(
+                self.run, mid, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE))
+            )
+        else:
+            stored = None
+        if stored is not None:
+            _execute(cur, sql.SQL("insert into {} {}").format(mapped, stored))
+        if m.sink is not None:
+            sink = relation_of(m.sink).sql()
+            _execute(
+                cur,
+                sql.SQL(
+                    "insert into {} select {}, {}, source_key, failure_type, offending_values, source_epoch, "
+                    "morphism_path from {} where source_entity = {}"
+                ).format(errored, self.run, mid, sql.SQL(sink), sql.Literal(m.upstream.name)),
+            )
+        mapped_keys = "select distinct source_key from _cdme_mapped"
+        errored_keys = sql.SQL("select source_key from {} where morphism_id = {}").format(errored, mid)
+        _execute(
+            cur,
+            sql.SQL(
+                "create temp table _cdme_rest on commit drop as select k from _cdme_in i "
+                "where not exists (select 1 from _cdme_mapped x where x.source_key = i.k) "
+                "and not exists (select 1 from ({}) e where e.source_key = i.k)"
+            ).format(errored_keys),
+        )
+        if m.derivation.filters and _scalar(cur, "select exists (select 1 from _cdme_rest)"):
+            _execute(
+                cur,
+                sql.SQL(
+                    "insert into {} select {}, {}, p.source_key, min(p.condition) from ({}) p "
+                    "join _cdme_rest r on r.k = p.source_key where p.condition is not null group by p.source_key"
+                ).format(filtered, self.run, mid, sql.SQL(m.derivation.prefilter_sql)),
+            )
+        filtered_keys = sql.SQL("select source_key from {} where morphism_id = {}").format(filtered, mid)
+        stats: dict[str, Any] = {}
+        stats["input"] = _scalar(cur, "select count(*) from _cdme_in")
+        stats["mapped"] = _scalar(cur, f"select count(*) from ({mapped_keys}) k")
+        stats["pairs"] = _scalar(cur, "select count(*) from _cdme_mapped")
+        stats["output"] = _scalar(cur, "select count(distinct target_key) from _cdme_mapped")
+        stats["errored"] = _scalar(
+            cur, sql.SQL("select count(distinct source_key) from ({}) e").format(errored_keys)
+        )
+        stats["filtered"] = _scalar(cur, sql.SQL("select count(*) from ({}) f").format(filtered_keys))
+        unaccounted = sql.SQL(
+            "select k from _cdme_rest r where not exists (select 1 from ({}) f where f.source_key = r.k)"
+        ).format(filtered_keys)
+        stats["unaccounted_count"] = _scalar(cur, sql.SQL("select count(*) from ({}) u").format(unaccounted))
+        _execute(
+            cur, sql.SQL("select k from ({}) u order by k limit {}").format(unaccounted, sql.Literal(SAMPLES))
+        )
+        stats["unaccounted_samples"] = [r[0] for r in cur.fetchall()]
+        # Filtered keys are chosen among the keys neither mapped nor errored, so only those two can overlap;
+        # an errored key that also appears twice in the sink is in the errored partition twice.
+        overlap = sql.SQL(
+            "select source_key from ({}) e where exists (select 1 from _cdme_mapped x where x.source_key = e.source_key) "
+            "union select source_key from ({}) e group by source_key having count(*) > 1"
+        ).format(errored_keys, errored_keys)
+        stats["overlap_count"] = _scalar(cur, sql.SQL("select count(*) from ({}) o").format(overlap))
+        _execute(
+            cur,
+            sql.SQL("select source_key from ({}) o order by 1 limit {}").format(
+                overlap, sql.Literal(SAMPLES)
+            ),
+        )
+        stats["overlap_samples"] = [r[0] for r in cur.fetchall()]
+        if self.mode == "key_derivable":
+            stats["envelopes"] = {
+                "input": _envelope(cur, m.input_sql(self.epoch)),
+                "output": _envelope(cur, f"select distinct k from ({m.output_sql()}) o"),
+            }
+        m.stats = stats
+
+    def finish(self) -> None:
+        for table in PARTITIONED:
+            part = _part(table, self.run_id)
+            for suffix, columns in _INDEXES[table]:
+                _execute(
+                    self.cur,
+                    sql.SQL("create index {} on {} ({})").format(
+                        sql.Identifier(f"{partition_name(table, self.run_id)}_{suffix}"),
+                        part,
+                        sql.SQL(columns),
+                    ),
+                )
+            # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
+            _execute(
+                self.cur,
+                sql.SQL("alter table {} add constraint {} check (run_id = {})").format(
+                    part, sql.Identifier(f"{partition_name(table, self.run_id)}_run"), self.run
+                ),
+            )
+            _execute(
+                self.cur,
+                sql.SQL("alter table {}.{} attach partition {} for values in ({})").format(
+                    sql.Identifier(SCHEMA), sql.Identifier(table), part, self.run
+                ),
+            )
+            _execute(self.cur, sql.SQL("analyze {}").format(part))
+
+
+def _fates(
+    cur: psycopg.Cursor[Any], run_id: str, morphisms: list[Morphism], epoch: date
+) -> list[dict[str, Any]]:
+    """End-to-end fate of every input key of each graph source, computed backward from the graph's outputs.
+
+    A key's fate at an entity is the best its rows reach downstream: an output (0), filtered (1), errored (2);
+    keys with none of these are unaccounted. Leaves (models no captured morphism reads) are outputs.
+    """
+    mapped, filtered, errored = (_part(t, run_id) for t in PARTITIONED)
+    _execute(cur, "drop table if exists _cdme_fate")
+    _execute(cur, "create temp table _cdme_fate (uid text, k text, fate smallint) on commit drop")
+    by_upstream: dict[str, list[Morphism]] = {}
+    for m in morphisms:
+        by_upstream.setdefault(m.upstream.unique_id, []).append(m)
+    graph: dict[str, set[str]] = {}
+    for m in morphisms:
+        graph.setdefault(m.model.unique_id, set()).add(m.upstream.unique_id)
+        graph.setdefault(m.upstream.unique_id, set())
+    order = list(TopologicalSorter(graph).static_order())
+    for uid in reversed(order):
+        downstream = by_upstream.get(uid)
+        if not downstream:
+            producers = [m for m in morphisms if m.model.unique_id == uid]
+            for m in producers:
+                _execute(
+                    cur,
+                    sql.SQL(
+                        "insert into _cdme_fate select distinct {}, target_key, 0 from {} where morphism_id = {}"
+                    ).format(sql.Literal(uid), mapped, sql.Literal(m.morphism_id)),
+                )
+            continue
+        parts = []
+        for m in downstream:
+            mid = sql.Literal(m.morphism_id)
+            parts.append(
+                sql.SQL(
+                    "select x.source_key as k, coalesce(f.fate, 3) as fate from {} x left join _cdme_fate f "
+                    "on f.uid = {} and f.k = x.target_key where x.morphism_id = {}"
+                ).format(mapped, sql.Literal(m.model.unique_id), mid)
+            )
+            parts.append(sql.SQL("select source_key, 1 from {} where morphism_id = {}").format(filtered, mid))
+            parts.append(sql.SQL("select source_key, 2 from {} where morphism_id = {}").format(errored, mid))
+        _execute(
+            cur,
+            sql.SQL("insert into _cdme_fate select {}, k, min(fate) from ({}) a group by k").format(
+                sql.Literal(uid), sql.SQL(" union all ").join(parts)
+            ),
+        )
+        _execute(cur, "analyze _cdme_fate")
+    sources = []
+    produced = {m.model.unique_id for m in morphisms}
+    seen: set[str] = set()
+    for m in morphisms:
+        source = m.upstream
+        if source.unique_id in produced or source.unique_id in seen:
+            continue
+        seen.add(source.unique_id)
+        source_uid = sql.Literal(source.unique_id)
+        _execute(
+            cur,
+            sql.SQL(
+                "select count(*) filter (where f.fate = 0), count(*) filter (where f.fate = 1), "
+                "count(*) filter (where f.fate = 2) from _cdme_fate f where f.uid = {} and f.k in ({})"
+            ).format(source_uid, sql.SQL(m.input_sql(epoch))),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        total = m.stats["input"]
+        _execute(
+            cur,
+            sql.SQL(
+                "select i.k from ({}) i where not exists (select 1 from _cdme_fate f "
+                "where f.uid = {} and f.k = i.k and f.fate < 3) order by 1 limit {}"
+            ).format(sql.SQL(m.input_sql(epoch)), source_uid, sql.Literal(SAMPLES)),
+        )
+        samples = [r[0] for r in cur.fetchall()]
+        assert source.key is not None
+        sources.append(
+            {
+                "source": source.name,
+                "unique_id": source.unique_id,
+                "relation": source.relation,
+                "key_fields": list(source.key.columns),
+                "input": total,
+                "fates": {
+                    "reached_output": row[0],
+                    "filtered": row[1],
+                    "errored": row[2],
+                    "unaccounted": total - row[0] - row[1] - row[2],
+                },
+                "unaccounted_samples": samples,
+            }
+        )
+    return sources
+
+
+def capture(
+    engine: Engine,
+    run_id: str,
+    epoch: date,
+    lineage_mode: LineageMode,
+    plan: CapturePlan,
+    *,
+    project: str | None = None,
+    sample_rate: float = 0.01,
+) -> CaptureResult:
+    """Capture a run: replace its adjoint metadata atomically with what the plan's SQL yields now.
+
+    Args:
+        engine: An engine on the warehouse the run built (where `cdme_adjoint` lives too).
+        run_id: The run's id (a UUID).
+        epoch: The run's business date.
+        lineage_mode: How much to store (see the module docstring).
+        plan: The morphisms to capture (`plan_capture`).
+        project: The dbt project's name, recorded with the run.
+        sample_rate: The share of keys `summary` mode stores.
+
+    Returns:
+        What was captured.
+    """
+    run_id = normalise_run_id(run_id)
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.cursor() as cur:
+            job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
+            job.prepare()
+            for m in plan.morphisms:
+                job.morphism(m)
+            job.finish()
+            sources = _fates(cur, run_id, plan.morphisms, epoch) if lineage_mode != "key_derivable" else []
+            pairs = (
+                sum(int(m.stats["pairs"]) for m in plan.morphisms)
+                if lineage_mode == "full"
+                else _scalar(cur, sql.SQL("select count(*) from {}").format(_part("mapped", run_id)))
+            )
+            seconds = time.perf_counter() - started
+            _store_run(
+                cur, run_id, epoch, lineage_mode, plan, sources, int(pairs), seconds, project, sample_rate
+            )
+    captured = sorted({m.model.unique_id for m in plan.morphisms})
+    logger.info(
+        "run captured",
+        extra={
+            "run_id": run_id,
+            "morphisms": len(plan.morphisms),
+            "pairs": pairs,
+            "seconds": round(seconds, 3),
+        },
+    )
+    return CaptureResult(run_id, lineage_mode, captured, plan.not_captured, int(pairs), seconds)
+
+
+def _store_run(
+    cur: psycopg.Cursor[Any],
+    run_id: str,
+    epoch: date,
+    mode: LineageMode,
+    plan: CapturePlan,
+    sources: Iterable[Mapping[str, Any]],
+    pairs: int,
+    seconds: float,
+    project: str | None,
+    sample_rate: float,
+) -> None:
+    cur.execute(
+        "insert into cdme_adjoint.runs (run_id, epoch, lineage_mode, key_encoding, project, seconds, pairs, "
+        "sample_rate, not_captured) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            run_id,
+            epoch,
+            mode,
+            KEY_ENCODING,
+            project,
+            seconds,
+            pairs,
+            sample_rate if mode == "summary" else None,
+            json.dumps([{"unique_id": n.unique_id, "reason": n.reason} for n in plan.not_captured]),
+        ),
+    )
+    for m in plan.morphisms:
+        assert m.upstream.key is not None and m.model.key is not None
+        filters = [
+            {"condition": f.condition, "model": m.model.name, "line": f.line, "clause": f.clause}
+            for f in m.derivation.filters
+        ]
+        s = m.stats
+        cur.execute(
+            "insert into cdme_adjoint.morphisms values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                run_id,
+                m.morphism_id,
+                m.model.name,
+                m.model.unique_id,
+                m.model.relation,
+                m.kind,
+                m.upstream.name,
+                m.upstream.unique_id,
+                m.upstream.relation,
+                list(m.upstream.key.columns),
+                list(m.model.key.columns),
+                s["input"],
+                s["mapped"],
+                s["filtered"],
+                s["errored"],
+                s["output"],
+                s["pairs"],
+                s["overlap_count"],
+                s["overlap_samples"],
+                s["unaccounted_count"],
+                s["unaccounted_samples"],
+                json.dumps(filters),
+                list(m.model.req),
+                list(m.model.access),
+                list(m.upstream.access),
+                m.derivation.mapped_sql,
+                m.input_sql(epoch),
+                m.output_sql(),
+                json.dumps(s.get("envelopes")) if s.get("envelopes") else None,
+            ),
+        )
+    for src in sources:
+        cur.execute(
+            "insert into cdme_adjoint.sources values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                run_id,
+                src["unique_id"],
+                src["source"],
+                src["relation"],
+                src["key_fields"],
+                src["input"],
+                src["fates"]["reached_output"],
+                src["fates"]["filtered"],
+                src["fates"]["errored"],
+                src["fates"]["unaccounted"],
+                src["unaccounted_samples"],
+            ),
+        )

@@ -1,0 +1,458 @@
+"""Capture SQL derived from a model's compiled SQL: the adjoint's mapped and filtered relations.
+
+For a model and one driving upstream, `derive` rewrites the compiled SQL with sqlglot so that it returns, instead
+of the model's rows, the pairs (upstream key, output key) each output row came from ("keep FROM/JOIN/WHERE,
+project the upstream key and the output key, drop the fold"):
+
+- the driving table is found where its rows flow to the output (FROM or JOIN of a query whose rows reach the
+  root through CTEs, derived tables and UNION [ALL] branches; a reference inside a WHERE subquery is not one);
+- its key columns are projected there as `__cdme_s<i>` and carried up through every query on the way;
+- a GROUP BY on the way keeps its rows: its aggregates become window aggregates over the same groups, so
+  later predicates see the same values; the root's GROUP BY is dropped and the output key's expressions
+  projected instead;
+- other UNION branches are pruned (they carry other driving upstreams);
+- where the root's HAVING, LIMIT/OFFSET or DISTINCT decide which output rows exist, the pairs are semi-joined
+  with the model's built relation, so a group or row that did not make it is never "mapped".
+
+The **filtered** relation comes from a second rewrite in which each explicit WHERE conjunct on the row path (and
+the root's HAVING) becomes a flag column instead of a predicate; a key is filtered at the first condition its
+rows fail. Capture then keeps only keys that are neither mapped nor errored, so error routing (a WHERE that
+sends rows to a sink) is never counted as filtering, and anything else that loses rows (inner joins with no
+match, de-duplication, LIMIT) stays unaccounted.
+
+Examples:
+    >>> d = derive("select id, v from s.src where v > 0", "m", Relation(None, "s", "src"), ["id"], ["id"])
+    >>> d.filters[0].condition
+    'v > 0'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from services.adjoint.domain.errors import DerivationError
+from services.adjoint.domain.keys import key_sql
+
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+DIALECT = "postgres"
+_SRC = "__cdme_s"
+_TGT = "__cdme_t"
+_FLAG = "__cdme_f"
+
+InferredKind = Literal["iso", "filter", "enrich", "aggregate", "explode", "union"]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation as dbt names it: database (may be absent), schema, identifier."""
+
+    database: str | None
+    schema: str
+    identifier: str
+
+    def matches(self, table: exp.Table) -> bool:
+        """Whether a table reference in SQL names this relation (case-insensitive, database optional)."""
+        if not table.db or table.name.lower() != self.identifier.lower():
+            return False
+        if table.db.lower() != self.schema.lower():
+            return False
+        return not (table.catalog and self.database and table.catalog.lower() != self.database.lower())
+
+    def sql(self) -> str:
+        """The relation rendered as a quoted PostgreSQL name (schema.identifier; one database per connection)."""
+        return exp.table_(self.identifier, db=self.schema, quoted=True).sql(dialect=DIALECT)
+
+
+@dataclass(frozen=True)
+class FilterCondition:
+    """An explicit predicate that makes a key filtered, with where it sits in the compiled SQL."""
+
+    index: int
+    condition: str
+    line: int | None
+    clause: Literal["where", "having"]
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """The capture SQL of one (model, driving upstream) morphism.
+
+    Attributes:
+        mapped_sql: `SELECT source_key, target_key` (distinct `cdme-key/v1` pairs).
+        prefilter_sql: `SELECT source_key, condition` over the model's rows with the explicit predicates
+            turned into flags: `condition` is the index (in `filters`) of the first one the row fails, or NULL.
+        filters: The explicit predicates on the row path, innermost first.
+        output_checked: Whether pairs are semi-joined with the built relation (root HAVING/LIMIT/DISTINCT).
+        inferred_kind: The kind the SQL's shape suggests (a declared kind wins).
+    """
+
+    mapped_sql: str
+    prefilter_sql: str
+    filters: tuple[FilterCondition, ...]
+    output_checked: bool
+    inferred_kind: InferredKind
+
+
+def _parse(sql: str) -> exp.Expr:
+    try:
+        tree = sqlglot.parse_one(sql, dialect=DIALECT)
+    except SqlglotError as e:
+        msg = f"cannot parse the compiled SQL: {str(e).splitlines()[0]}"
+        raise DerivationError(msg) from e
+    if not isinstance(tree, exp.Query):
+        msg = f"the compiled SQL is a {tree.key.upper()}, not a query"
+        raise DerivationError(msg)
+    return tree
+
+
+def _row_position(table: exp.Table) -> exp.Select | None:
+    holder = table.parent
+    if isinstance(holder, (exp.From, exp.Join)) and isinstance(holder.parent, exp.Select):
+        return holder.parent
+    return None
+
+
+def _references(select: exp.Select, name: str) -> list[str]:
+    """The aliases under which `select` reads the CTE `name` in its FROM/JOINs."""
+    found = []
+    sources = [select.args.get("from_"), *(select.args.get("joins") or [])]
+    for source in sources:
+        if source is None:
+            continue
+        table = source.this
+        if isinstance(table, exp.Table) and not table.db and table.name.lower() == name.lower():
+            found.append(table.alias_or_name)
+    return found
+
+
+@dataclass
+class _Path:
+    selects: list[exp.Select]
+    refs: list[str]
+    driving_alias: str
+    root: exp.Expr
+    through_union: bool
+
+
+def _row_path(tree: exp.Expr, upstream: Relation) -> _Path:
+    candidates = [t for t in tree.find_all(exp.Table) if upstream.matches(t)]
+    if not candidates:
+        msg = f"the compiled SQL does not read {upstream.schema}.{upstream.identifier}"
+        raise DerivationError(msg)
+    problems = []
+    for table in candidates:
+        select = _row_position(table)
+        if select is None:
+            problems.append("it is read outside a FROM or JOIN")
+            continue
+        try:
+            return _ascend(tree, select, table.alias_or_name)
+        except DerivationError as e:
+            problems.append(str(e))
+    msg = f"the rows of {upstream.schema}.{upstream.identifier} do not reach the output: {problems[0]}"
+    raise DerivationError(msg)
+
+
+def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
+    selects = [start]
+    refs: list[str] = []
+    node: exp.Expr = start
+    through_union = False
+    while (parent := node.parent) is not None:
+        if isinstance(parent, exp.SetOperation):
+            # The other branches carry other driving upstreams; this morphism's pairs come from this one only.
+            through_union = True
+            with_ = parent.args.get("with_")
+            parent.replace(node)
+            if with_ is not None:
+                node.set("with_", with_)
+            continue
+        if isinstance(parent, exp.Subquery):
+            holder = parent.parent
+            if isinstance(holder, (exp.From, exp.Join)) and isinstance(holder.parent, exp.Select):
+                selects.append(holder.parent)
+                refs.append(parent.alias_or_name)
+                node = holder.parent
+                continue
+            if isinstance(holder, exp.SetOperation):
+                node = parent
+                continue
+            msg = "they are read in a subquery that is not a FROM or JOIN source"
+            raise DerivationError(msg)
+        if isinstance(parent, exp.CTE):
+            name = parent.alias
+            consumers = [(s, alias) for s in tree.find_all(exp.Select) for alias in _references(s, name)]
+            if len(consumers) != 1:
+                msg = f"CTE {name} is read {len(consumers)} times; its rows cannot be followed to one output"
+                raise DerivationError(msg)
+            consumer, alias = consumers[0]
+            selects.append(consumer)
+            refs.append(alias)
+            node = consumer
+            continue
+        if isinstance(parent, exp.With):
+            node = parent
+            continue
+        msg = f"they pass through a {parent.key.upper()}"
+        raise DerivationError(msg)
+    root = node
+    if not isinstance(root, exp.Select) or root is not selects[-1]:
+        msg = "the query's root is not the SELECT the rows reach"
+        raise DerivationError(msg)
+    return _Path(selects, refs, driving_alias, root, through_union)
+
+
+def _conjuncts(condition: exp.Expr) -> list[exp.Expr]:
+    if isinstance(condition, exp.And):
+        return _conjuncts(condition.left) + _conjuncts(condition.right)
+    if isinstance(condition, exp.Paren) and isinstance(condition.this, exp.And):
+        return _conjuncts(condition.this)
+    return [condition]
+
+
+def _line(condition: exp.Expr) -> int | None:
+    lines = [i.meta["line"] for i in condition.find_all(exp.Identifier) if "line" in i.meta]
+    lines += [lit.meta["line"] for lit in condition.find_all(exp.Literal) if "line" in lit.meta]
+    return min(lines) if lines else None
+
+
+def _group_expressions(select: exp.Select) -> list[exp.Expr]:
+    group = select.args.get("group")
+    if group is None:
+        return []
+    projections = select.expressions
+    aliases = {p.alias.lower(): p.this for p in projections if isinstance(p, exp.Alias)}
+    resolved = []
+    for g in group.expressions:
+        if isinstance(g, exp.Literal) and g.is_int and 0 < int(g.this) <= len(projections):
+            target = projections[int(g.this) - 1]
+            resolved.append((target.this if isinstance(target, exp.Alias) else target).copy())
+        elif isinstance(g, exp.Column) and not g.table and g.name.lower() in aliases:
+            resolved.append(aliases[g.name.lower()].copy())
+        else:
+            resolved.append(g.copy())
+    return resolved
+
+
+def _aggregates_in(expression: exp.Expr) -> list[exp.AggFunc]:
+    """Aggregate calls of `expression` itself: not already windowed, not inside a nested query."""
+    found = []
+    for node in expression.walk():
+        if not isinstance(node, exp.AggFunc) or isinstance(node.parent, exp.Window):
+            continue
+        ancestor = node.parent
+        nested = False
+        while ancestor is not None and ancestor is not expression:
+            if isinstance(ancestor, (exp.Select, exp.Subquery)):
+                nested = True
+                break
+            ancestor = ancestor.parent
+        if not nested:
+            found.append(node)
+    return found
+
+
+def _keep_rows(select: exp.Select) -> None:
+    """Turn an intermediate GROUP BY into window aggregates, so the query keeps one row per input row."""
+    groups = _group_expressions(select)
+    if select.args.get("having") is not None:
+        msg = "a HAVING clause inside a CTE or derived table on the row path is not supported yet"
+        raise DerivationError(msg)
+    for projection in select.expressions:
+        for agg in _aggregates_in(projection):
+            agg.replace(exp.Window(this=agg.copy(), partition_by=[g.copy() for g in groups]))
+    select.set("group", None)
+    select.set("order", None)
+
+
+def _target_expressions(root: exp.Select, target_key: Sequence[str]) -> list[exp.Expr]:
+    by_name = {p.alias_or_name.lower(): p for p in root.expressions}
+    has_star = any(
+        isinstance(p, exp.Star) or (isinstance(p, exp.Column) and p.is_star) for p in root.expressions
+    )
+    found: list[exp.Expr] = []
+    for column in target_key:
+        projection = by_name.get(column.lower())
+        if projection is None:
+            if not has_star:
+                msg = f"the output key column {column!r} is not among the model's select list"
+                raise DerivationError(msg)
+            found.append(exp.column(column, quoted=True))
+            continue
+        expression = projection.this if isinstance(projection, exp.Alias) else projection
+        if _aggregates_in(expression):
+            msg = f"the output key column {column!r} is an aggregate"
+            raise DerivationError(msg)
+        found.append(expression.copy())
+    return found
+
+
+def _infer_kind(path: _Path) -> InferredKind:
+    if path.through_union:
+        return "union"
+    if any(s.args.get("group") is not None for s in path.selects):
+        return "aggregate"
+    joins = [j for s in path.selects for j in (s.args.get("joins") or [])]
+    if any((j.side or "").upper() not in {"LEFT", "FULL"} for j in joins):
+        return "explode"
+    if any(s.args.get("where") is not None for s in path.selects):
+        return "filter"
+    return "enrich" if joins else "iso"
+
+
+@dataclass
+class _Rewrite:
+    root: exp.Select
+    filters: list[FilterCondition]
+    having: exp.Expr | None
+    output_checked: bool
+    kind: InferredKind
+
+
+def _rewrite(
+    sql: str, upstream: Relation, source_key: Sequence[str], target_key: Sequence[str], *, flags: bool
+) -> _Rewrite:
+    tree = _parse(sql)
+    path = _row_path(tree, upstream)
+    kind = _infer_kind(path)
+    root = path.selects[-1]
+    filters: list[FilterCondition] = []
+    for i, select in enumerate(path.selects):
+        is_root = select is root
+        if i == 0:
+            carried = [
+                exp.alias_(exp.column(c, table=path.driving_alias, quoted=True), f"{_SRC}{j}")
+                for j, c in enumerate(source_key)
+            ]
+        else:
+            carried = [
+                exp.alias_(exp.column(f"{_SRC}{j}", table=path.refs[i - 1]), f"{_SRC}{j}")
+                for j in range(len(source_key))
+            ]
+            carried += [
+                exp.alias_(exp.column(f"{_FLAG}{f.index}", table=path.refs[i - 1]), f"{_FLAG}{f.index}")
+                for f in filters
+            ]
+        new_flags: list[FilterCondition] = []
+        if flags and (where := select.args.get("where")) is not None:
+            for condition in _conjuncts(where.this):
+                index = len(filters) + len(new_flags)
+                new_flags.append(
+                    FilterCondition(index, condition.sql(dialect=DIALECT), _line(condition), "where")
+                )
+                carried.append(
+                    exp.alias_(
+                        exp.func("coalesce", exp.paren(condition.copy()), exp.false()), f"{_FLAG}{index}"
+                    )
+                )
+            select.set("where", None)
+        elif where := select.args.get("where"):
+            for condition in _conjuncts(where.this):
+                index = len(filters) + len(new_flags)
+                new_flags.append(
+                    FilterCondition(index, condition.sql(dialect=DIALECT), _line(condition), "where")
+                )
+        filters.extend(new_flags)
+        if not flags:
+            # Without flag columns nothing is carried for the filters; only keys travel.
+            carried = [c for c in carried if not c.alias.startswith(_FLAG)]
+        if is_root:
+            targets = [
+                exp.alias_(e, f"{_TGT}{j}") for j, e in enumerate(_target_expressions(select, target_key))
+            ]
+            select.set("expressions", targets + carried)
+        else:
+            if select.args.get("group") is not None:
+                _keep_rows(select)
+            select.set("expressions", [*select.expressions, *carried])
+    having_node = root.args.get("having")
+    having = having_node.this.copy() if having_node is not None else None
+    output_checked = any(root.args.get(a) is not None for a in ("having", "limit", "offset", "distinct"))
+    if having is not None:
+        filters.append(FilterCondition(len(filters), having.sql(dialect=DIALECT), _line(having), "having"))
+    for arg in ("group", "having", "order", "limit", "offset", "distinct", "qualify"):
+        root.set(arg, None)
+    return _Rewrite(root, filters, having, output_checked, kind)
+
+
+def derive(
+    compiled_sql: str,
+    model: str,
+    upstream: Relation,
+    source_key: Sequence[str],
+    target_key: Sequence[str],
+    output: Relation | None = None,
+) -> Derivation:
+    """Derive the capture SQL of one morphism from the model's compiled SQL.
+
+    Args:
+        compiled_sql: The model's compiled SQL (manifest `compiled_code`).
+        model: The model's name (for messages).
+        upstream: The driving upstream's relation.
+        source_key: The driving upstream's key columns.
+        target_key: The model's key columns (names in its select list).
+        output: The model's built relation; needed when the root's HAVING/LIMIT/DISTINCT decide which rows exist.
+
+    Returns:
+        The derivation.
+
+    Raises:
+        DerivationError: The SQL cannot be parsed, does not read the upstream where its rows reach the output,
+            or uses a construct the rewrite does not follow; the message says which.
+    """
+    if not source_key or not target_key:
+        msg = f"{model}: both the upstream and the model need a record key"
+        raise DerivationError(msg)
+    try:
+        mapped = _rewrite(compiled_sql, upstream, source_key, target_key, flags=False)
+        prefilter = _rewrite(compiled_sql, upstream, source_key, target_key, flags=True)
+    except DerivationError as e:
+        msg = f"{model}: {e}"
+        raise DerivationError(msg) from e
+    q = "q"
+    source = key_sql([exp.column(f"{_SRC}{j}", table=q) for j in range(len(source_key))])
+    target = key_sql([exp.column(f"{_TGT}{j}", table=q) for j in range(len(target_key))])
+    subquery = exp.Subquery(this=mapped.root, alias=exp.TableAlias(this=exp.to_identifier(q)))
+    select = (
+        exp.select(exp.alias_(source, "source_key"), exp.alias_(target, "target_key"))
+        .from_(subquery)
+        .distinct()
+    )
+    in_output: exp.Expr | None = None
+    if mapped.output_checked:
+        if output is None:
+            msg = f"{model}: its HAVING/LIMIT/DISTINCT needs the built relation to tell which rows exist"
+            raise DerivationError(msg)
+        built = exp.select(key_sql([exp.column(c, quoted=True) for c in target_key])).from_(
+            exp.table_(output.identifier, db=output.schema, quoted=True)
+        )
+        in_output = exp.In(this=target.copy(), query=exp.Subquery(this=built))
+        select = select.where(in_output.copy())
+    cases = [
+        (exp.Not(this=exp.column(f"{_FLAG}{f.index}", table=q)), exp.Literal.number(f.index))
+        for f in prefilter.filters
+        if f.clause == "where"
+    ]
+    having = [f for f in prefilter.filters if f.clause == "having"]
+    if having and in_output is not None:
+        cases.append((exp.Not(this=in_output.copy()), exp.Literal.number(having[0].index)))
+    case = exp.Case(ifs=[exp.If(this=c, true=v) for c, v in cases]) if cases else exp.Null()
+    pre_subquery = exp.Subquery(this=prefilter.root, alias=exp.TableAlias(this=exp.to_identifier(q)))
+    pre_select = exp.select(exp.alias_(source.copy(), "source_key"), exp.alias_(case, "condition")).from_(
+        pre_subquery
+    )
+    return Derivation(
+        mapped_sql=select.sql(dialect=DIALECT),
+        prefilter_sql=pre_select.sql(dialect=DIALECT),
+        filters=tuple(prefilter.filters),
+        output_checked=mapped.output_checked,
+        inferred_kind=mapped.kind,
+    )

@@ -1,0 +1,656 @@
+"""Queries over captured adjoint metadata: partitions, backward, impact, reconcile.
+
+Every answer comes from `cdme_adjoint` (never from re-running the pipeline). Backward composes the runs'
+mapped relations in reverse (target -> source, the contravariant direction), impact composes them forward;
+both walk in one recursive SQL query over the (morphism, key) indexes of the run's partition. Keys and model
+names are bind parameters; only identifiers the capture itself recorded reach SQL text.
+
+Access control: an entity whose `meta.cdme.access` roles the principal holds none of does not exist for it; a
+walk never passes through it, and asking about it directly is a 404 like an unknown name.
+
+Key-derivable runs store no pairs: backward evaluates the morphisms' derived SQL with the key predicate, after
+checking that the checkpoint envelopes of every relation it reads still match the capture (else 409).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from sqlalchemy import Engine
+
+from services.adjoint.domain.capture import SAMPLES, SCHEMA, envelope_of, normalise_run_id
+from services.adjoint.domain.errors import NotReconstructableError
+from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
+from services.core.errors import NotFoundError, UsageError
+
+MAX_LIMIT = 10_000
+DEFAULT_LIMIT = 1_000
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A captured morphism as the walks see it."""
+
+    morphism_id: int
+    model: str
+    unique_id: str
+    relation: str
+    upstream: str
+    upstream_unique_id: str
+    upstream_relation: str
+    kind: str
+    source_key_fields: tuple[str, ...]
+    target_key_fields: tuple[str, ...]
+    access: tuple[str, ...]
+    upstream_access: tuple[str, ...]
+    mapped_sql: str
+    input_sql: str
+    output_sql: str
+    envelopes: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class RunGraph:
+    """A captured run's morphisms, as visible to a principal."""
+
+    run_id: str
+    epoch: str
+    lineage_mode: str
+    edges: list[Edge]
+    names: dict[str, str]
+    hidden: frozenset[str]
+
+    def uid_of(self, name: str) -> str:
+        """The unique id of a visible entity named `name` (model name, `source.table`, or unique id).
+
+        Raises:
+            NotFoundError: No visible entity of the run has that name.
+        """
+        for uid, entity in self.names.items():
+            if (name in (entity, uid)) and uid not in self.hidden:
+                return uid
+        msg = f"no captured model or source named {name!r} in run {self.run_id}"
+        raise NotFoundError(msg)
+
+    def visible_edges(self) -> list[Edge]:
+        """Edges whose model and upstream are both visible."""
+        return [
+            e
+            for e in self.edges
+            if e.unique_id not in self.hidden and e.upstream_unique_id not in self.hidden
+        ]
+
+
+def _visible(access: Sequence[str], roles: frozenset[str] | None) -> bool:
+    return roles is None or not access or bool(roles.intersection(access))
+
+
+def _connection(engine: Engine) -> Any:
+    return engine.connect()
+
+
+def _driver(conn: Any) -> psycopg.Connection[Any]:
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    return raw
+
+
+def latest_run(cur: psycopg.Cursor[Any], model: str | None = None) -> str:
+    """The most recently captured run (that captured `model`, when given).
+
+    Raises:
+        NotFoundError: No run was captured (with that model).
+    """
+    if model is None:
+        cur.execute("select run_id from cdme_adjoint.runs order by captured_at desc limit 1")
+    else:
+        cur.execute(
+            "select r.run_id from cdme_adjoint.runs r where exists (select 1 from cdme_adjoint.morphisms m "
+            "where m.run_id = r.run_id and (m.model = %(m)s or m.unique_id = %(m)s or m.upstream = %(m)s "
+            "or m.upstream_unique_id = %(m)s)) order by r.captured_at desc limit 1",
+            {"m": model},
+        )
+    row = cur.fetchone()
+    if row is None:
+        msg = "no run has been captured" if model is None else f"no captured run has a model named {model!r}"
+        raise NotFoundError(msg)
+    return str(row["run_id"] if isinstance(row, dict) else row[0])
+
+
+def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | None) -> RunGraph:
+    """A run's morphisms; entities `roles` may not see are hidden (None: everything visible).
+
+    Raises:
+        NotFoundError: The run was never captured.
+    """
+    run_id = normalise_run_id(run_id)
+    cur.execute(
+        "select epoch::text as epoch, lineage_mode from cdme_adjoint.runs where run_id = %s", (run_id,)
+    )
+    run = cur.fetchone()
+    if run is None:
+        msg = f"run {run_id} has not been captured"
+        raise NotFoundError(msg)
+    cur.execute(
+        "select morphism_id, model, unique_id, relation, upstream, upstream_unique_id, upstream_relation, kind, "
+        "source_key_fields, target_key_fields, access, upstream_access, mapped_sql, input_sql, output_sql, "
+        "envelopes from cdme_adjoint.morphisms where run_id = %s order by morphism_id",
+        (run_id,),
+    )
+    edges = []
+    for r in cur.fetchall():
+        r = dict(r) if not isinstance(r, dict) else r
+        edges.append(
+            Edge(
+                **{
+                    **r,
+                    "source_key_fields": tuple(r["source_key_fields"]),
+                    "target_key_fields": tuple(r["target_key_fields"]),
+                    "access": tuple(r["access"]),
+                    "upstream_access": tuple(r["upstream_access"]),
+                }
+            )
+        )
+    names: dict[str, str] = {}
+    hidden: set[str] = set()
+    for e in edges:
+        names[e.unique_id] = e.model
+        names[e.upstream_unique_id] = e.upstream
+        if not _visible(e.access, roles):
+            hidden.add(e.unique_id)
+        if not _visible(e.upstream_access, roles):
+            hidden.add(e.upstream_unique_id)
+    return RunGraph(run_id, run["epoch"], run["lineage_mode"], edges, names, frozenset(hidden))
+
+
+# -- partitions -------------------------------------------------------------------------------------------------
+
+
+def partitions(engine: Engine, run_id: str) -> dict[str, Any]:
+    """The accounting of a captured run (the body of `GET /runs/{run_id}/partitions`).
+
+    Raises:
+        NotFoundError: The run was never captured.
+    """
+    run_id = normalise_run_id(run_id)
+    with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "select run_id, epoch::text as epoch, lineage_mode, key_encoding, not_captured "
+            "from cdme_adjoint.runs where run_id = %s",
+            (run_id,),
+        )
+        run = cur.fetchone()
+        if run is None:
+            msg = f"run {run_id} has not been captured"
+            raise NotFoundError(msg)
+        cur.execute("select * from cdme_adjoint.morphisms where run_id = %s order by morphism_id", (run_id,))
+        morphisms = [_morphism_view(run_id, m) for m in cur.fetchall()]
+        cur.execute("select * from cdme_adjoint.sources where run_id = %s order by unique_id", (run_id,))
+        sources = [
+            {
+                "source": s["name"],
+                "unique_id": s["unique_id"],
+                "relation": s["relation"],
+                "key_fields": s["key_fields"],
+                "input": s["input"],
+                "fates": {
+                    "reached_output": s["reached_output"],
+                    "filtered": s["filtered"],
+                    "errored": s["errored"],
+                    "unaccounted": s["unaccounted"],
+                },
+                "unaccounted_samples": s["unaccounted_samples"],
+            }
+            for s in cur.fetchall()
+        ]
+    return {
+        "run_id": run["run_id"],
+        "epoch": run["epoch"],
+        "lineage_mode": run["lineage_mode"],
+        "key_encoding": run["key_encoding"],
+        "morphisms": morphisms,
+        "sources": sources,
+        "not_captured": run["not_captured"],
+    }
+
+
+def _location(table: str, run_id: str, morphism_id: int) -> str:
+    return f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}"
+
+
+def _morphism_view(run_id: str, m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": m["model"],
+        "unique_id": m["unique_id"],
+        "relation": m["relation"],
+        "kind": m["kind"],
+        "upstream": m["upstream"],
+        "upstream_unique_id": m["upstream_unique_id"],
+        "upstream_relation": m["upstream_relation"],
+        "source_key_fields": m["source_key_fields"],
+        "target_key_fields": m["target_key_fields"],
+        "input": m["input"],
+        "mapped": m["mapped"],
+        "filtered": m["filtered"],
+        "errored": m["errored"],
+        "output": m["output"],
+        "pairs": m["pairs"],
+        "overlap": {"count": m["overlap_count"], "samples": m["overlap_samples"]},
+        "unaccounted": {"count": m["unaccounted_count"], "samples": m["unaccounted_samples"]},
+        "locations": {t: _location(t, run_id, m["morphism_id"]) for t in ("mapped", "filtered", "errored")},
+        "filters": m["filters"],
+        "req": m["req"],
+    }
+
+
+# -- backward and impact ----------------------------------------------------------------------------------------
+
+
+def _cursor_offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        offset = int(data["offset"])
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        msg = "cursor: not a cursor this service issued (pass the `next` value of the previous page)"
+        raise UsageError(msg) from None
+    if offset < 0:
+        msg = "cursor: negative offset"
+        raise UsageError(msg)
+    return offset
+
+
+def _next_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def _bounds(depth: int | None, limit: int) -> int:
+    if depth is not None and not 1 <= depth <= MAX_DEPTH:
+        msg = f"depth must be between 1 and {MAX_DEPTH}, got {depth}"
+        raise UsageError(msg)
+    if not 1 <= limit <= MAX_LIMIT:
+        msg = f"limit must be between 1 and {MAX_LIMIT}, got {limit}"
+        raise UsageError(msg)
+    return depth or MAX_DEPTH
+
+
+_BACKWARD = """
+with recursive walk(uid, k, path, depth) as (
+    select %(uid)s::text, %(key)s::text, array[%(uid)s::text], 0
+  union all
+    select e.up, m.source_key, w.path || e.up, w.depth + 1
+    from walk w
+    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.model = w.uid
+    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and m.target_key = w.k
+    where w.depth < %(depth)s
+)
+select distinct uid, k, path, depth from walk where depth > 0 and (%(to)s::text is null or uid = %(to)s)
+order by depth, uid, k, path
+limit %(limit)s offset %(offset)s
+"""
+
+_IMPACT = """
+with recursive walk(uid, k, path, depth) as (
+    select %(uid)s::text, k, array[%(uid)s::text], 0 from unnest(%(keys)s::text[]) as k
+  union all
+    select e.model, m.target_key, w.path || e.model, w.depth + 1
+    from walk w
+    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.up = w.uid
+    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and m.source_key = w.k
+    where w.depth < %(depth)s
+)
+select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
+from walk where depth > 0 group by uid, path order by min(depth), uid, path
+"""
+
+
+def _edge_params(edges: Sequence[Edge]) -> dict[str, Any]:
+    return {
+        "ids": [e.morphism_id for e in edges],
+        "models": [e.unique_id for e in edges],
+        "ups": [e.upstream_unique_id for e in edges],
+    }
+
+
+def backward(
+    engine: Engine,
+    model: str,
+    key: str,
+    *,
+    roles: frozenset[str] | None,
+    run_id: str | None = None,
+    to: str | None = None,
+    depth: int | None = None,
+    records: bool = False,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """The records every upstream contributed to `key` of `model`, down to the graph sources.
+
+    Args:
+        engine: An engine on the warehouse.
+        model: The model (name or unique id).
+        key: The record's `cdme-key/v1` key.
+        roles: The principal's roles (None: no access control).
+        run_id: The run to answer from (default: the latest run that captured `model`).
+        to: Only contributions of this entity (e.g. `raw_trading.trades`).
+        depth: At most this many hops.
+        records: Also return the contributing rows themselves (as they are now in the warehouse).
+        limit: Page size.
+        cursor: The `next` of the previous page.
+
+    Returns:
+        `{run_id, model, key, key_encoding, contributions: [{entity, unique_id, key, depth, path, record?}],
+        next}`, ordered by depth, entity and key.
+
+    Raises:
+        NotFoundError: The run, the model, `to` or the key is unknown (or not visible).
+        NotReconstructableError: A key-derivable run's data changed since capture.
+        UsageError: A bound or the cursor is invalid.
+    """
+    max_depth = _bounds(depth, limit)
+    offset = _cursor_offset(cursor)
+    with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
+        graph = load_graph(cur, run_id or latest_run(cur, model), roles)
+        uid = graph.uid_of(model)
+        target = graph.uid_of(to) if to is not None else None
+        edges = graph.visible_edges()
+        if graph.lineage_mode == "key_derivable":
+            rows = _backward_derived(cur, graph, edges, uid, key, target, max_depth)
+            rows = rows[offset : offset + limit + 1]
+        else:
+            _check_key(cur, graph, edges, uid, key)
+            cur.execute(
+                _BACKWARD,
+                {
+                    **_edge_params(edges),
+                    "uid": uid,
+                    "key": key,
+                    "run": graph.run_id,
+                    "depth": max_depth,
+                    "to": target,
+                    "limit": limit + 1,
+                    "offset": offset,
+                },
+            )
+            rows = [(r["uid"], r["k"], r["path"], r["depth"]) for r in cur.fetchall()]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        contributions = [
+            {
+                "entity": graph.names[u],
+                "unique_id": u,
+                "key": k,
+                "depth": d,
+                "path": [graph.names[p] for p in path],
+            }
+            for u, k, path, d in rows
+        ]
+        if records:
+            _set_encoding_session(cur)
+            _attach_records(cur, graph, contributions)
+    return {
+        "run_id": graph.run_id,
+        "model": graph.names[uid],
+        "key": key,
+        "key_encoding": KEY_ENCODING,
+        "lineage_mode": graph.lineage_mode,
+        "contributions": contributions,
+        "next": _next_cursor(offset + limit) if more else None,
+    }
+
+
+def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge], uid: str, key: str) -> None:
+    ids = [e.morphism_id for e in edges if e.unique_id == uid]
+    ups = [e.morphism_id for e in edges if e.upstream_unique_id == uid]
+    cur.execute(
+        "select exists (select 1 from cdme_adjoint.mapped where run_id = %(run)s and "
+        "((morphism_id = any(%(ids)s) and target_key = %(k)s) or (morphism_id = any(%(ups)s) and source_key = %(k)s)))",
+        {"run": graph.run_id, "ids": ids, "ups": ups, "k": key},
+    )
+    row = cur.fetchone()
+    if not row or not row["exists"]:
+        msg = f"key {key!r} of {graph.names[uid]} is not in the adjoint metadata of run {graph.run_id}"
+        raise NotFoundError(msg)
+
+
+def _raw(text: str) -> sql.SQL:
+    """Recorded SQL inside a query that also has bind parameters: its literal `%` must not read as one."""
+    return sql.SQL(text.replace("%", "%%"))
+
+
+def _relation_sql(relation: str) -> sql.Composed:
+    parts = relation.split(".")
+    return sql.SQL("{}.{}").format(sql.Identifier(parts[-2]), sql.Identifier(parts[-1]))
+
+
+def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: list[dict[str, Any]]) -> None:
+    where: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for e in graph.edges:
+        where.setdefault(e.unique_id, (e.relation, e.target_key_fields))
+        where.setdefault(e.upstream_unique_id, (e.upstream_relation, e.source_key_fields))
+    by_uid: dict[str, list[dict[str, Any]]] = {}
+    for c in contributions:
+        by_uid.setdefault(c["unique_id"], []).append(c)
+    for uid, items in by_uid.items():
+        relation, fields = where[uid]
+        cur.execute(
+            sql.SQL("select {} as k, to_jsonb(r) as record from {} r where {} = any(%(keys)s)").format(
+                _raw(key_sql_text(fields, "r")), _relation_sql(relation), _raw(key_sql_text(fields, "r"))
+            ),
+            {"keys": [c["key"] for c in items]},
+        )
+        found: dict[str, Any] = {}
+        for r in cur.fetchall():
+            found.setdefault(r["k"], r["record"])
+        for c in items:
+            c["record"] = found.get(c["key"])
+
+
+def _set_encoding_session(cur: psycopg.Cursor[Any]) -> None:
+    for name, value in ENCODING_SESSION:
+        cur.execute("select set_config(%s, %s, false)", (name, value))
+
+
+def _verify_envelopes(cur: psycopg.Cursor[Any], edge: Edge) -> None:
+    recorded = edge.envelopes or {}
+    for label, keys_sql in (("input", edge.input_sql), ("output", edge.output_sql)):
+        expected = recorded.get(label)
+        if expected is None:
+            continue
+        actual = envelope_of(cur, keys_sql if label == "input" else f"select distinct k from ({keys_sql}) o")
+        if actual != expected:
+            where = edge.upstream if label == "input" else edge.model
+            msg = (
+                f"not reconstructable: {where} changed since the run was captured (checkpoint digest "
+                f"{expected['digest']}, now {actual['digest']}); capture runs in full mode to keep their lineage"
+            )
+            raise NotReconstructableError(msg)
+
+
+def _backward_derived(
+    cur: psycopg.Cursor[Any],
+    graph: RunGraph,
+    edges: Sequence[Edge],
+    uid: str,
+    key: str,
+    target: str | None,
+    max_depth: int,
+) -> list[tuple[str, str, list[str], int]]:
+    _set_encoding_session(cur)
+    frontier: dict[tuple[str, str], list[str]] = {(uid, key): [uid]}
+    out: list[tuple[str, str, list[str], int]] = []
+    verified: set[int] = set()
+    for level in range(1, max_depth + 1):
+        step: dict[tuple[str, str], list[str]] = {}
+        for e in edges:
+            keys = [k for (u, k) in frontier if u == e.unique_id]
+            if not keys:
+                continue
+            if e.morphism_id not in verified:
+                _verify_envelopes(cur, e)
+                verified.add(e.morphism_id)
+            cur.execute(
+                sql.SQL(
+                    "select distinct source_key, target_key from ({}) d where target_key = any(%(keys)s)"
+                ).format(_raw(e.mapped_sql)),
+                {"keys": keys},
+            )
+            for r in cur.fetchall():
+                path = [*frontier[(e.unique_id, r["target_key"])], e.upstream_unique_id]
+                step.setdefault((e.upstream_unique_id, r["source_key"]), path)
+        if not step:
+            break
+        out.extend((u, k, p, level) for (u, k), p in step.items() if target is None or u == target)
+        frontier = step
+    if len(out) == 0 and level == 1:
+        msg = f"key {key!r} of {graph.names[uid]} has no contributing records in run {graph.run_id}"
+        raise NotFoundError(msg)
+    return sorted(out, key=lambda r: (r[3], r[0], r[1], r[2]))
+
+
+def impact(
+    engine: Engine,
+    entity: str,
+    keys: Iterable[str],
+    *,
+    roles: frozenset[str] | None,
+    run_id: str | None = None,
+    depth: int | None = None,
+    sample: int = 100,
+) -> dict[str, Any]:
+    """Every downstream record the given keys of `entity` affect, per model and path.
+
+    Returns:
+        `{run_id, entity, keys, affected: [{model, unique_id, path, count, keys}]}`, keys sampled (`sample`).
+
+    Raises:
+        NotFoundError: The run or the entity is unknown (or not visible).
+        UsageError: No keys, or a bound is invalid.
+    """
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        msg = "keys: give at least one key"
+        raise UsageError(msg)
+    max_depth = _bounds(depth, DEFAULT_LIMIT)
+    with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
+        graph = load_graph(cur, run_id or latest_run(cur, entity), roles)
+        if graph.lineage_mode == "key_derivable":
+            msg = (
+                f"run {graph.run_id} was captured key_derivable: impact needs stored pairs (full or summary)"
+            )
+            raise UsageError(msg)
+        uid = graph.uid_of(entity)
+        cur.execute(
+            _IMPACT,
+            {
+                **_edge_params(graph.visible_edges()),
+                "uid": uid,
+                "keys": keys,
+                "run": graph.run_id,
+                "depth": max_depth,
+                "sample": sample,
+            },
+        )
+        affected = [
+            {
+                "model": graph.names[r["uid"]],
+                "unique_id": r["uid"],
+                "path": [graph.names[p] for p in r["path"]],
+                "count": r["n"],
+                "keys": r["keys"],
+            }
+            for r in cur.fetchall()
+        ]
+    return {
+        "run_id": graph.run_id,
+        "entity": graph.names[uid],
+        "keys": len(keys),
+        "key_encoding": KEY_ENCODING,
+        "affected": affected,
+    }
+
+
+# -- reconcile ----------------------------------------------------------------------------------------------------
+
+
+_ISO = """
+select k from (
+    select source_key as k from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = %(m)s
+    group by source_key having count(*) > 1
+  union
+    select min(source_key) from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = %(m)s
+    group by target_key having count(*) > 1
+) bad order by k limit %(n)s
+"""
+
+
+def reconcile(engine: Engine, run_id: str) -> dict[str, Any]:
+    """Reconcile a run per morphism: `exact`, `superset` or `violation`, with sample keys.
+
+    `exact`: an iso whose backward(forward(x)) = x for every key; `superset`: lossy but every input key has
+    exactly one partition; `violation`: keys missing, keys in two partitions, or an iso that is not one.
+
+    Raises:
+        NotFoundError: The run was never captured.
+    """
+    report = partitions(engine, run_id)
+    results = []
+    with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
+        for i, m in enumerate(report["morphisms"], start=1):
+            problems: list[str] = []
+            samples: list[str] = []
+            if m["unaccounted"]["count"]:
+                problems.append(f"{m['unaccounted']['count']} input keys are in no partition")
+                samples += m["unaccounted"]["samples"]
+            if m["overlap"]["count"]:
+                problems.append(f"{m['overlap']['count']} keys are in two partitions")
+                samples += m["overlap"]["samples"]
+            status = "superset"
+            if m["kind"] == "iso":
+                if report["lineage_mode"] == "full":
+                    cur.execute(_ISO, {"run": report["run_id"], "m": i, "n": SAMPLES})
+                    bad = [r["k"] for r in cur.fetchall()]
+                    if bad:
+                        problems.append(
+                            "iso: backward(forward(x)) != x (a key maps to several or shares one)"
+                        )
+                        samples += bad
+                lost = m["filtered"] + m["errored"]
+                if lost:
+                    problems.append(f"iso: {lost} keys filtered or errored, so forward is not total")
+                status = "exact"
+            if problems:
+                status = "violation"
+            results.append(
+                {
+                    "model": m["model"],
+                    "unique_id": m["unique_id"],
+                    "upstream": m["upstream"],
+                    "kind": m["kind"],
+                    "status": status,
+                    "problems": problems,
+                    "samples": samples[:SAMPLES],
+                    "input": m["input"],
+                    "mapped": m["mapped"],
+                    "filtered": m["filtered"],
+                    "errored": m["errored"],
+                }
+            )
+    statuses = {r["status"] for r in results}
+    return {
+        "run_id": report["run_id"],
+        "lineage_mode": report["lineage_mode"],
+        "status": "violation" if "violation" in statuses else "reconciled",
+        "morphisms": results,
+    }

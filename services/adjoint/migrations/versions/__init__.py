@@ -1,0 +1,1 @@
+"""Alembic revisions of `cdme_adjoint`."""

@@ -1,0 +1,357 @@
+"""Adjoint capture and queries on a real dbt build of the reference trading project (one build per module)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+
+from services.adjoint.domain import queries
+from services.adjoint.domain.capture import CaptureResult, capture, load_run_ldm, plan_capture
+from services.adjoint.domain.errors import NotReconstructableError
+from services.core.artifacts import parse_manifest, parse_run_results
+from services.core.dbt import first_failure, run_dbt
+from services.core.errors import NotFoundError
+from services.core.ldm import load_project_config
+from services.core.ldm.config import LineageMode
+from services.core.migrations import migrate
+from services.core.warehouse import create_warehouse_engine
+from services.datagen.trading import GenerateReport, GenerateRequest, generate
+from tests.conftest import PROJECT_DIR
+from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES, FIRST_EPOCH, SEED
+
+pytestmark = pytest.mark.integration
+
+TRADES = 3000
+EPOCH_START = f"(date '{FIRST_EPOCH}'::timestamp at time zone 'UTC')"
+
+
+@dataclass
+class Built:
+    url: str
+    engine: Engine
+    manifest: dict[str, Any]
+    run_results: dict[str, Any]
+    report: GenerateReport
+
+    def rows(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def capture(self, mode: LineageMode = "full", run_results: dict[str, Any] | None = None) -> CaptureResult:
+        run_id = str(uuid.uuid4())
+        return capture_run(self, run_id, mode, run_results)
+
+
+def capture_run(
+    built: Built, run_id: str, mode: LineageMode = "full", run_results: dict[str, Any] | None = None
+) -> CaptureResult:
+    manifest = parse_manifest(built.manifest)
+    results = parse_run_results(run_results or built.run_results)
+    ldm = load_run_ldm(manifest, load_project_config(PROJECT_DIR / "cdme.yml"), mode)
+    return capture(built.engine, run_id, FIRST_EPOCH, mode, plan_capture(ldm, manifest, results))
+
+
+def build_project(
+    url: str, project_dir: Path, target: Path
+) -> tuple[dict[str, Any], dict[str, Any], GenerateReport]:
+    """Generate the first epoch's trades and `dbt build` `project_dir` into `url`; the run's artifacts."""
+    report = generate(
+        url,
+        GenerateRequest(trades=TRADES, epoch=FIRST_EPOCH, seed=SEED, counterparties=COUNTERPARTIES),
+        CURRENCIES,
+    )
+    invocation = run_dbt(
+        ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})],
+        project_dir=project_dir,
+        target_path=target,
+        warehouse_url=url,
+        pepper=secrets.token_hex(16),
+    )
+    assert invocation.succeeded, first_failure(invocation)
+    manifest = json.loads((target / "manifest.json").read_text())
+    results = json.loads((target / "run_results.json").read_text())
+    return manifest, results, report
+
+
+@pytest.fixture(scope="module")
+def built(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    url = new_database()
+    manifest, results, report = build_project(url, PROJECT_DIR, tmp_path_factory.mktemp("adjoint-build"))
+    engine = create_warehouse_engine(url)
+    migrate(engine, "adjoint")
+    yield Built(url, engine, manifest, results, report)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def full_run(built: Built) -> str:
+    return built.capture("full").run_id
+
+
+def _by_model(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["model"]: m for m in report["morphisms"]}
+
+
+def test_every_morphism_balances_and_every_trade_has_one_fate(built: Built, full_run: str) -> None:
+    report = queries.partitions(built.engine, full_run)
+    assert report["key_encoding"] == "cdme-key/v1" and report["epoch"] == str(FIRST_EPOCH)
+    assert report["not_captured"] == []
+    for m in report["morphisms"]:
+        assert m["input"] == m["mapped"] + m["filtered"] + m["errored"], m["model"]
+        assert m["unaccounted"] == {"count": 0, "samples": []}, m["model"]
+        assert m["overlap"]["count"] == 0, m["model"]
+    models = _by_model(report)
+    anomalies = built.report.anomalies
+    assert models["int_trades_active"]["filtered"] == anomalies["cancelled"]
+    assert models["int_trades_active"]["filters"][0]["condition"] == "trade_status <> 'CANCELLED'"
+    assert models["int_trades_active"]["filters"][0]["line"] == 15
+    errors = (
+        anomalies["missing_counterparty"] + anomalies["non_positive_notional"] + anomalies["unknown_currency"]
+    )
+    assert models["int_trades_enriched"]["errored"] == errors
+    assert models["int_trades_enriched"]["filtered"] == 0
+    assert models["stg_trades"]["input"] == TRADES
+    trades = next(s for s in report["sources"] if s["source"] == "raw_trading.trades")
+    assert trades["input"] == TRADES
+    assert trades["fates"] == {
+        "reached_output": TRADES - anomalies["cancelled"] - errors,
+        "filtered": anomalies["cancelled"],
+        "errored": errors,
+        "unaccounted": 0,
+    }
+    assert models["int_trades_enriched"]["locations"]["mapped"].startswith(
+        f"cdme_adjoint.mapped#run={full_run}&"
+    )
+
+
+def test_backward_from_a_monthly_key_equals_a_hand_written_query_over_raw_tables(
+    built: Built, full_run: str
+) -> None:
+    month, book, currency = built.rows(
+        "select month_start, book, currency_code from marts.fct_monthly_positions order by trade_count desc limit 1"
+    )[0]
+    expected = {
+        r[0]
+        for r in built.rows(
+            f"""
+            select t.trade_id from raw_trading.trades t
+            where t.epoch_date = %(epoch)s and t.status <> 'CANCELLED' and t.notional > 0
+              and upper(t.currency) in (select currency_code from raw_reference.currencies)
+              and exists (
+                  select 1 from raw_trading.counterparties c
+                  where c.counterparty_id = t.counterparty_id and c.valid_from <= {EPOCH_START}
+                    and t.trade_ts >= c.valid_from
+                    and c.version = (select max(v.version) from raw_trading.counterparties v
+                                     where v.counterparty_id = c.counterparty_id and v.valid_from <= {EPOCH_START}))
+              and date_trunc('month', t.epoch_date)::date = %(month)s and t.book = %(book)s
+              and upper(t.currency) = %(currency)s
+            """,
+            {"epoch": FIRST_EPOCH, "month": month, "book": book, "currency": currency},
+        )
+    }
+    assert len(expected) > 1
+    key = f"{month}|{book}|{currency}"
+    found: set[str] = set()
+    cursor = None
+    while True:
+        page = queries.backward(
+            built.engine,
+            "fct_monthly_positions",
+            key,
+            roles=None,
+            to="raw_trading.trades",
+            limit=7,
+            cursor=cursor,
+        )
+        found |= {c["key"] for c in page["contributions"]}
+        assert all(
+            c["path"][0] == "fct_monthly_positions" and c["path"][-1] == "raw_trading.trades"
+            for c in page["contributions"]
+        )
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert found == expected
+
+
+def test_backward_returns_records_and_respects_depth(built: Built, full_run: str) -> None:
+    trade = built.rows("select trade_id from intermediate.int_trades_enriched order by trade_id limit 1")[0][
+        0
+    ]
+    answer = queries.backward(built.engine, "int_trades_enriched", trade, roles=None, records=True)
+    assert [(c["entity"], c["depth"]) for c in answer["contributions"]] == [
+        ("int_trades_active", 1),
+        ("stg_trades", 2),
+        ("raw_trading.trades", 3),
+    ]
+    raw = answer["contributions"][-1]["record"]
+    assert raw["trade_id"] == trade and raw["epoch_date"] == str(FIRST_EPOCH)
+    one_hop = queries.backward(built.engine, "int_trades_enriched", trade, roles=None, depth=1)
+    assert [c["entity"] for c in one_hop["contributions"]] == ["int_trades_active"]
+    with pytest.raises(NotFoundError):
+        queries.backward(built.engine, "int_trades_enriched", "no-such-trade", roles=None)
+
+
+def test_impact_of_a_trade_reaches_both_marts(built: Built, full_run: str) -> None:
+    trade, book, currency = built.rows(
+        "select trade_id, book, currency_code from intermediate.int_trades_enriched order by trade_id limit 1"
+    )[0]
+    answer = queries.impact(built.engine, "raw_trading.trades", [trade], roles=None)
+    affected = {a["model"]: a for a in answer["affected"]}
+    assert affected["fct_monthly_positions"]["keys"] == [f"{FIRST_EPOCH.replace(day=1)}|{book}|{currency}"]
+    factors = built.rows(
+        "select count(*) from intermediate.int_trade_risk_sensitivities where trade_id = %s", (trade,)
+    )[0][0]
+    assert affected["int_trade_risk_sensitivities"]["count"] == factors
+
+
+def test_a_principal_cannot_traverse_models_it_may_not_see(built: Built, full_run: str) -> None:
+    month, book, currency = built.rows(
+        "select month_start, book, currency_code from marts.fct_monthly_positions limit 1"
+    )[0]
+    key = f"{month}|{book}|{currency}"
+    analyst = queries.backward(built.engine, "fct_monthly_positions", key, roles=frozenset({"risk_analyst"}))
+    # int_trades_active and the raw trades are for data engineers and auditors only: the walk stops before them.
+    assert {c["entity"] for c in analyst["contributions"]} == {"fct_daily_positions", "int_trades_enriched"}
+    with pytest.raises(NotFoundError):
+        queries.backward(built.engine, "fct_monthly_positions", key, roles=frozenset({"trading_ops"}))
+    with pytest.raises(NotFoundError):
+        queries.backward(
+            built.engine,
+            "fct_monthly_positions",
+            key,
+            roles=frozenset({"risk_analyst"}),
+            to="raw_trading.trades",
+        )
+
+
+def test_capture_is_idempotent_and_reconciles(built: Built) -> None:
+    run_id = str(uuid.uuid4())
+    first = capture_run(built, run_id)
+    again = capture_run(built, run_id)
+    assert first.pairs == again.pairs > 0
+    assert (
+        built.rows("select count(*) from cdme_adjoint.mapped where run_id = %s", (run_id,))[0][0]
+        == first.pairs
+    )
+    partitions = built.rows(
+        "select count(*) from pg_inherits where inhparent = 'cdme_adjoint.mapped'::regclass "
+        "and inhrelid::regclass::text like %s",
+        (f"%{uuid.UUID(run_id).hex}%",),
+    )[0][0]
+    assert partitions == 1
+    result = queries.reconcile(built.engine, run_id)
+    statuses = {m["model"]: m["status"] for m in result["morphisms"]}
+    assert result["status"] == "reconciled"
+    assert statuses["stg_trades"] == "exact" and statuses["int_trades_active"] == "superset"
+
+
+def test_a_partial_run_captures_only_the_models_that_succeeded(built: Built) -> None:
+    results = json.loads(json.dumps(built.run_results))
+    for r in results["results"]:
+        if r["unique_id"] == "model.cdme_trading.fct_monthly_positions":
+            r["status"] = "error"
+        if r["unique_id"] == "model.cdme_trading.fct_daily_risk_sensitivities":
+            r["status"] = "skipped"
+    result = built.capture("full", results)
+    assert {n.unique_id: n.reason for n in result.not_captured} == {
+        "model.cdme_trading.fct_monthly_positions": "dbt status error",
+        "model.cdme_trading.fct_daily_risk_sensitivities": "dbt status skipped",
+    }
+    assert "model.cdme_trading.fct_daily_positions" in result.captured
+    report = queries.partitions(built.engine, result.run_id)
+    assert "fct_monthly_positions" not in _by_model(report)
+
+
+def test_summary_mode_keeps_counts_and_samples_pairs(built: Built, full_run: str) -> None:
+    summary = built.capture("summary")
+    full = _by_model(queries.partitions(built.engine, full_run))
+    sampled = _by_model(queries.partitions(built.engine, summary.run_id))
+    assert summary.lineage_mode == "summary" and 0 < summary.pairs < sum(m["pairs"] for m in full.values())
+    for name, m in full.items():
+        assert {k: sampled[name][k] for k in ("input", "mapped", "filtered", "errored")} == {
+            k: m[k] for k in ("input", "mapped", "filtered", "errored")
+        }
+
+
+def test_key_derivable_answers_like_full_until_the_data_changes(built: Built, full_run: str) -> None:
+    derived = built.capture("key_derivable")
+    assert derived.pairs == 0
+    trade, daily = built.rows(
+        "select trade_id, business_date || '|' || book || '|' || currency_code "
+        "from intermediate.int_trades_enriched order by trade_id limit 1"
+    )[0]
+
+    def keys(run_id: str) -> set[tuple[str, str]]:
+        answer = queries.backward(built.engine, "fct_daily_positions", daily, roles=None, run_id=run_id)
+        return {(c["entity"], c["key"]) for c in answer["contributions"]}
+
+    assert keys(derived.run_id) == keys(full_run)
+    assert ("raw_trading.trades", trade) in keys(derived.run_id)
+    built.rows(
+        "update raw_trading.trades set trade_id = trade_id || '-x' where trade_id = %s returning 1", (trade,)
+    )
+    try:
+        with pytest.raises(NotReconstructableError):
+            keys(derived.run_id)
+        # Full mode stored the pairs, so the same question is still answered.
+        assert ("raw_trading.trades", trade) in keys(full_run)
+    finally:
+        built.rows(
+            "update raw_trading.trades set trade_id = %s where trade_id = %s returning 1",
+            (trade, f"{trade}-x"),
+        )
+
+
+def test_an_inner_join_replacing_the_error_routed_join_shows_as_unaccounted(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    macro = project / "macros" / "trade_enrichment.sql"
+    text = macro.read_text()
+    assert "left join {{ ref('snap_counterparties') }}" in text
+    macro.write_text(
+        text.replace(
+            "left join {{ ref('snap_counterparties') }}", "inner join {{ ref('snap_counterparties') }}"
+        )
+    )
+    url = new_database()
+    manifest, results, report = build_project(url, project, tmp_path / "target")
+    engine = create_warehouse_engine(url)
+    try:
+        migrate(engine, "adjoint")
+        run = Built(url, engine, manifest, results, report).capture("full")
+        partitions = queries.partitions(engine, run.run_id)
+    finally:
+        engine.dispose()
+    enriched = _by_model(partitions)["int_trades_enriched"]
+    missing = report.anomalies["missing_counterparty"]
+    assert missing > 0
+    assert enriched["unaccounted"]["count"] == missing
+    assert enriched["filtered"] == 0 and len(enriched["unaccounted"]["samples"]) == min(missing, 10)
+    assert enriched["input"] == enriched["mapped"] + enriched["errored"] + missing
+    trades = next(s for s in partitions["sources"] if s["source"] == "raw_trading.trades")
+    assert trades["fates"]["unaccounted"] == missing
+    assert set(trades["unaccounted_samples"]) <= set(enriched["unaccounted"]["samples"]) | set(
+        trades["unaccounted_samples"]
+    )
+
+
+def test_unknown_runs_are_not_found(built: Built) -> None:
+    with pytest.raises(NotFoundError):
+        queries.partitions(built.engine, str(uuid.uuid4()))
+    assert (
+        date.fromisoformat(queries.partitions(built.engine, built.capture().run_id)["epoch"]) == FIRST_EPOCH
+    )
