@@ -32,25 +32,29 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One service started as `uvicorn services.<service>.app:app` with its own `CDME_HOME` and environment.
+    """One service started as `uvicorn <app>` (default `services.<service>.app:app`) with its own `CDME_HOME`.
 
-    The process gets no `CDME_` variable from the test runner's environment: only the warehouse URL, the test
-    token (`TOKEN`, principal `tester` with role `data_engineer`), the home directory and `env`.
+    The process gets no `CDME_` variable from the test runner's environment: only the warehouse URL, the
+    tokens (default: `TOKEN` for principal `tester` with role `data_engineer`), the home directory and `env`.
     """
 
     def __init__(
         self,
         database_url: str,
         home: Path,
+        app: str | None = None,
+        tokens: str | None = None,
         *,
         service: str = "validation",
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.service = service
+        self.app = app or f"services.{service}.app:app"
+        self.service = self.app.split(".")[1] if app else service
+        self.tokens = tokens or f"{TOKEN}=tester:data_engineer"
         self.database_url = database_url
         self.home = home
         self.env = dict(env or {})
-        self.log = home / f"{service}.log"
+        self.log = home / "service.log"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -59,11 +63,11 @@ class ServiceProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": f"{TOKEN}=tester:data_engineer",
+            "CDME_AUTH_TOKENS": self.tokens,
             "CDME_HOME": str(self.home),
             **self.env,
         }
-        command = [sys.executable, "-m", "uvicorn", f"services.{self.service}.app:app"]
+        command = [sys.executable, "-m", "uvicorn", self.app]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", str(self.port)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Annotated, Any
 
@@ -92,3 +93,80 @@ def bench_validate(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def format_lineage_benchmark(result: dict[str, Any]) -> list[str]:
+    """The lines `cdme bench lineage` prints for a result of `run_lineage_benchmark`."""
+    lines = []
+    for case in result["cases"]:
+        ours, theirs = case["cdme"], case["openlineage_dbt"]
+        lines.append(
+            f"{case['name']}: CDME {ours['events']} events, {ours['datasets']} datasets, {len(ours['facets'])} facet keys, "
+            f"{ours['column_edges']} column edges, {ours['invalid_events']} invalid, {_seconds(ours['seconds'])} | "
+            f"openlineage-dbt {theirs['events']} events, {theirs['datasets']} datasets, {len(theirs['facets'])} facet keys, "
+            f"{theirs['column_edges']} column edges, {theirs['invalid_events']} invalid "
+            f"({theirs['facets_without_known_schema']} facets without a known schema), {_seconds(theirs['seconds'])}"
+        )
+        if case["facets_only_in_openlineage_dbt"]:
+            lines.append(
+                f"  facets only openlineage-dbt emits: {', '.join(case['facets_only_in_openlineage_dbt'])}"
+            )
+    final = result["finalize"]
+    if final is None:
+        lines.append(
+            "finalize: skipped (no reference build; run `cdme build --epoch D` first or pass --artifacts)"
+        )
+    else:
+        verdict = "met" if final["median_seconds"] <= final["goal_seconds"] else "missed"
+        lines.append(
+            f"finalize of a {final['trades']:,}-trade run (excluding the partitions query): "
+            f"{_seconds(final['median_seconds'])}, {final['events']} events"
+            f"{', database insert included' if final['includes_database_insert'] else ', without the database insert'}"
+            f"; goal <= 2 s: {verdict}"
+        )
+    return lines
+
+
+@bench_app.command("lineage")
+def bench_lineage(
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            "--artifacts", help="A reference build's target dir (default: the newest `cdme build`)."
+        ),
+    ] = None,
+    repeat: Annotated[
+        int, typer.Option("--repeat", min=1, help="Runs per case; the median is reported.")
+    ] = 3,
+    output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Compare CDME's OpenLineage events with openlineage-integration-common's dbt processor on the same artifacts."""
+    from pathlib import Path
+
+    from services.core.errors import CdmeError
+    from services.core.settings import get_settings
+    from services.core.warehouse import resolve_warehouse_url
+    from services.lineage.bench import RESULTS_PATH as LINEAGE_RESULTS
+    from services.lineage.bench import latest_build_artifacts, run_lineage_benchmark
+
+    if output not in {"json", "text"}:
+        msg = f"--format must be text or json, got {output!r}"
+        raise UsageError(msg)
+    if importlib.util.find_spec("openlineage.common") is None:
+        msg = "the lineage benchmark needs the bench extra: pip install -e '.[bench]'"
+        raise UsageError(msg)
+    directory = Path(artifacts) if artifacts else latest_build_artifacts(get_settings())
+    if directory is not None and not (directory / "manifest.json").exists():
+        msg = f"--artifacts {directory} holds no manifest.json"
+        raise UsageError(msg)
+    try:
+        warehouse: str | None = resolve_warehouse_url(get_settings())
+    except CdmeError:
+        warehouse = None  # finalize is timed without its database insert
+    result = run_lineage_benchmark(directory, repeat, warehouse)
+    if output == "json":
+        typer.echo(json.dumps(result))
+    else:
+        for line in format_lineage_benchmark(result):
+            typer.echo(line)
+        typer.echo(f"written to {LINEAGE_RESULTS}")

@@ -46,13 +46,28 @@ class ServiceUnderTest:
     known_5xx: tuple[str, str] | None = None
 
 
-# Add the lineage and planner services here as they land (a service whose readiness needs its peers needs
+# Add the planner service here when it lands (a service whose readiness needs its peers needs
 # them running, or its env pointing at them).
 SERVICES = [
     ServiceUnderTest("validation", location_fields=("project_dir",)),
     ServiceUnderTest(
         "adjoint",
         known_5xx=("POST /impact", "U+0000 in `entity` reaches PostgreSQL as text: psycopg DataError, a 500"),
+    ),
+    # Nothing listens at its adjoint URL: the hostile requests never get as far as a successful finalize.
+    ServiceUnderTest(
+        "lineage",
+        env={
+            "CDME_SERVICE_TOKEN": TOKEN,
+            "CDME_HTTP_RETRIES": "0",
+            "CDME_ADJOINT_URL": "http://127.0.0.1:9",
+            "CDME_VALIDATION_URL": "http://127.0.0.1:9",
+        },
+        location_fields=("artifact_dir",),
+        known_5xx=(
+            "GET /runs",
+            "an `offset` beyond bigint reaches PostgreSQL: NumericValueOutOfRange, a 500",
+        ),
     ),
 ]
 # Generated cases per operation: enough to reach every branch of the request models, small enough for CI.

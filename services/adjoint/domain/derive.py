@@ -171,7 +171,11 @@ def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
             # The other branches carry other driving upstreams; this morphism's pairs come from this one only.
             through_union = True
             with_ = parent.args.get("with_")
-            parent.replace(node)
+            if parent.parent is None:
+                # The set operation is the whole query: this branch becomes the root.
+                node.pop()
+            else:
+                parent.replace(node)
             if with_ is not None:
                 node.set("with_", with_)
             continue
@@ -248,7 +252,7 @@ def _aggregates_in(expression: exp.Expr) -> list[exp.AggFunc]:
     for node in expression.walk():
         if not isinstance(node, exp.AggFunc) or isinstance(node.parent, exp.Window):
             continue
-        ancestor = node.parent
+        ancestor = node.parent if node is not expression else None
         nested = False
         while ancestor is not None and ancestor is not expression:
             if isinstance(ancestor, (exp.Select, exp.Subquery)):

@@ -1,0 +1,1 @@
+"""The lineage service: accounting ledger, run gate, OpenLineage events, outbox delivery, queries."""

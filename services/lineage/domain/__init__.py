@@ -1,0 +1,1 @@
+"""Lineage domain: plain Python (no web framework): ledger, gate, versions, column lineage, events."""
