@@ -59,22 +59,30 @@ class Built:
         return directory
 
 
-def _build(url: str, tmp_path_factory: pytest.TempPathFactory, project_dir: Path = PROJECT_DIR) -> Built:
+def _build(url: str, tmp_path_factory: pytest.TempPathFactory) -> Built:
     generate(
         url,
         GenerateRequest(trades=4000, epoch=FIRST_EPOCH, seed=SEED, counterparties=COUNTERPARTIES),
         CURRENCIES,
     )
     target = tmp_path_factory.mktemp("lineage-build")
+    dbt_vars = ["--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})]
+    pepper = secrets.token_hex(16)
     invocation = run_dbt(
-        ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})],
-        project_dir=project_dir,
-        target_path=target,
-        warehouse_url=url,
-        pepper=secrets.token_hex(16),
+        ["build", *dbt_vars], project_dir=PROJECT_DIR, target_path=target, warehouse_url=url, pepper=pepper
     )
-    # A faulty project may fail a dbt test (the drop is silent to the models, not always to the tests).
-    assert (target / "run_results.json").exists(), first_failure(invocation)
+    assert invocation.succeeded, first_failure(invocation)
+    # The catalog in its own target: `docs generate` writes run results of its own.
+    docs = tmp_path_factory.mktemp("lineage-docs")
+    invocation = run_dbt(
+        ["docs", "generate", *dbt_vars],
+        project_dir=PROJECT_DIR,
+        target_path=docs,
+        warehouse_url=url,
+        pepper=pepper,
+    )
+    assert invocation.succeeded, first_failure(invocation)
+    shutil.copy(docs / "catalog.json", target / "catalog.json")
     return Built(url, target, tmp_path_factory.mktemp("runs"))
 
 
@@ -227,7 +235,7 @@ def test_a_clean_run_is_balanced_complete_and_its_events_are_valid_and_delivered
     finalizer, store, events_file, documents = lineage
     run_id = str(uuid.uuid4())
     documents[run_id] = partitions_from_warehouse(built, run_id)
-    directory = built.run_dir(run_id)
+    directory = built.run_dir(run_id, artifacts=("manifest.json", "run_results.json", "catalog.json"))
     result = _finalize(finalizer, directory, run_id)
     assert (result["status"], result["reason"]) == ("COMPLETE", None)
     assert result["ledger"]["status"] == "BALANCED" and result["ledger"]["input"] == 4000
@@ -251,6 +259,11 @@ def test_a_clean_run_is_balanced_complete_and_its_events_are_valid_and_delivered
     database = built.url.rsplit("/", 1)[1]
     assert output["name"] == f"{database}.intermediate.int_trades_enriched"
     assert output["outputFacets"]["outputStatistics"]["rowCount"] == accounting["mapped"]
+    # With a catalog, the schema is the warehouse's own: every column, its type and position.
+    fields = {f["name"]: f for f in output["facets"]["schema"]["fields"]}
+    assert fields["trade_id"]["type"] == "text" and fields["notional_usd"]["type"] == "numeric"
+    assert sorted(f["ordinal_position"] for f in fields.values()) == list(range(1, len(fields) + 1))
+    assert set(fields) == set(output["facets"]["columnLineage"]["fields"])
     masked = output["facets"]["columnLineage"]["fields"]["counterparty_contact_sk"]["inputFields"][0]
     assert masked["transformations"][0]["masking"] is True
     assert {i["name"] for i in enriched["inputs"]} >= {

@@ -155,3 +155,38 @@ def test_column_lineage_goes_through_ctes_and_star_with_transformation_types() -
         for e in edges
     )
     assert any(e.type == "INDIRECT" for e in orders.dataset)
+
+
+def test_upstream_columns_are_transitive_nearest_first_and_stop_on_cycles() -> None:
+    from services.lineage.finalize import upstream_columns
+
+    def edge(
+        dataset: str, column: str, source: str, source_column: str, subtype: str = "IDENTITY"
+    ) -> dict[str, Any]:
+        return {
+            "dataset": dataset,
+            "column": column,
+            "input_dataset": source,
+            "input_column": source_column,
+            "type": "DIRECT",
+            "subtype": subtype,
+            "masking": False,
+        }
+
+    graph = {
+        "columns": [
+            edge("db.marts.fct", "total", "db.int.enriched", "amount_usd", "AGGREGATION"),
+            edge("db.int.enriched", "amount_usd", "db.stg.trades", "amount", "TRANSFORMATION"),
+            edge("db.int.enriched", "amount_usd", "db.ref.fx", "rate", "TRANSFORMATION"),
+            edge("db.stg.trades", "amount", "db.raw.trades", "amount"),
+            edge("db.raw.trades", "amount", "db.stg.trades", "amount"),  # a cycle must not loop
+        ]
+    }
+    found = upstream_columns(graph, "DB.MARTS.FCT", "Total")
+    assert [(u["dataset"], u["column"], u["depth"]) for u in found] == [
+        ("db.int.enriched", "amount_usd", 1),
+        ("db.ref.fx", "rate", 2),
+        ("db.stg.trades", "amount", 2),
+        ("db.raw.trades", "amount", 3),
+    ]
+    assert upstream_columns(graph, "db.raw.trades", "nothing") == []
