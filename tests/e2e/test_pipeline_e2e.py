@@ -26,7 +26,7 @@ import pytest
 
 from services.datagen.trading import GenerateRequest, currency_codes, generate
 from tests.conftest import PROJECT_DIR
-from tests.e2e.service_process import ServiceProcess, free_port
+from tests.service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ class Pipeline:
     log_lines: list[str] = field(default_factory=list)
 
     def api(self, name: str = "planner") -> httpx.Client:
-        return self.services[name].client(TOKEN, timeout=120)
+        return self.services[name].client({"Authorization": f"Bearer {TOKEN}"}, timeout=120)
 
     def rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url) as conn:
@@ -94,7 +94,9 @@ def pipeline(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathF
     running = Pipeline(url, home, env)
     try:
         for name in NAMES:
-            running.services[name] = ServiceProcess(name, env, home, port=ports[name])
+            running.services[name] = ServiceProcess(
+                url, home, service=name, env=env, port=ports[name], log_name=f"{name}.log"
+            )
             running.services[name].start()
         yield running
     finally:
@@ -233,8 +235,8 @@ def test_cdme_run_dry_run_validates_and_writes_nothing_to_the_warehouse(
 
 def _planner_on(pipeline: Pipeline, project: Path, name: str) -> str:
     """A second planner process running `project` (same database, peers and home)."""
-    service = ServiceProcess("planner", pipeline.env | {"CDME_PROJECT_DIR": str(project)}, pipeline.home)
-    service.log = pipeline.home / f"{name}.log"
+    env = pipeline.env | {"CDME_PROJECT_DIR": str(project)}
+    service = ServiceProcess(pipeline.url, pipeline.home, service="planner", env=env, log_name=f"{name}.log")
     service.start()
     pipeline.services[name] = service
     return name

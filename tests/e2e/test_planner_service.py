@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.e2e.service_process import ServiceProcess, free_port
+from tests.service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ class Stack:
     planner: ServiceProcess
 
     def api(self) -> httpx.Client:
-        return self.planner.client(TOKEN)
+        return self.planner.client(AUTH)
 
     def rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url) as conn:
@@ -58,8 +58,10 @@ def stack(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFact
         "CDME_HTTP_RETRIES": "0",
         "CDME_PLANNER_PEER_WAIT_S": "0",
     }
-    validation = ServiceProcess("validation", env, home, port=validation_port)
-    planner = ServiceProcess("planner", env, home, port=planner_port)
+    validation = ServiceProcess(
+        url, home, service="validation", env=env, port=validation_port, log_name="validation.log"
+    )
+    planner = ServiceProcess(url, home, service="planner", env=env, port=planner_port, log_name="planner.log")
     validation.start()
     planner.start()
     try:

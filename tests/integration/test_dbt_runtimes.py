@@ -16,7 +16,7 @@ from services.core.errors import DbtError
 from services.planner.runtimes import DbtCall, RuntimeContext, load_runtime
 from services.planner.runtimes.cloud import CloudRuntime, DbtCloudSettings
 from tests.conftest import PROJECT_DIR
-from tests.e2e.service_process import ServiceProcess
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,10 @@ def context(warehouse: str) -> RuntimeContext:
 def cloud_api(warehouse: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     work = tmp_path_factory.mktemp("dbt-cloud")
     server = ServiceProcess(
-        "dbt_cloud",
-        {
+        warehouse,
+        work,
+        app="tests.fakes.dbt_cloud_api:app",
+        env={
             "FAKE_DBT_CLOUD_TOKEN": CLOUD_TOKEN,
             "FAKE_DBT_CLOUD_ACCOUNT_ID": str(ACCOUNT),
             "FAKE_DBT_CLOUD_JOB_ID": str(JOB),
@@ -50,8 +52,6 @@ def cloud_api(warehouse: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "FAKE_DBT_CLOUD_PROJECT_DIR": str(PROJECT_DIR),
             "FAKE_DBT_CLOUD_WORK_DIR": str(work),
         },
-        work,
-        app="tests.fakes.dbt_cloud_api:app",
     )
     server.start()
     try:

@@ -27,7 +27,7 @@ from services.planner.domain.peers import Peers
 from services.planner.domain.planner import Planner, PlannerConfig, lock_key
 from services.planner.domain.store import RunStore
 from tests.conftest import PROJECT_DIR
-from tests.e2e.service_process import ServiceProcess, free_port
+from tests.service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -80,14 +80,9 @@ def env(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactor
         GenerateRequest(trades=1500, epoch=EPOCH, seed=3, counterparties=200),
         currency_codes(PROJECT_DIR / "seeds" / "currencies.csv"),
     )
+    (tmp / "home").mkdir()
     validation = ServiceProcess(
-        "validation",
-        {
-            "CDME_WAREHOUSE_URL": url,
-            "CDME_AUTH_TOKENS": f"{TOKEN}=planner:data_engineer,auditor,service",
-            "CDME_HOME": str(tmp / "home"),
-        },
-        tmp,
+        url, tmp / "home", tokens=f"{TOKEN}=planner:data_engineer,auditor,service", service="validation"
     )
     validation.start()
     try:
