@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from services.core.errors import UpstreamServiceError
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
+    MAX_OFFSET,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -191,7 +192,7 @@ async def list_runs(
     request: Request,
     status: Annotated[RunStatus | None, Query(description="Only runs in this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> RunPage:
     """Runs, newest first, a page at a time."""
     runs, total = await run_in_threadpool(
