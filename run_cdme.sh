@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# CDME's two commands on a machine with only Python 3.11+:
-#   ./run_cdme.sh          the main job: embedded PostgreSQL (unless CDME_WAREHOUSE_URL is set), a demo epoch
-#                          of generated trades, `dbt build` of the reference project, a summary
+# CDME's commands on a machine with only Python 3.11+:
+#   ./run_cdme.sh          the main job: embedded PostgreSQL (unless CDME_WAREHOUSE_URL is set), the four
+#                          services on free loopback ports, a demo epoch of generated trades, then the planner
+#                          runs it (validate, dbt build, capture, finalize) over HTTP with live progress and a
+#                          summary; exit 0 only when the run is COMPLETE
 #   ./run_cdme.sh test     ruff, mypy and the whole pytest suite (extra arguments go to pytest)
-# Both create .venv and install the project on first use (again whenever pyproject.toml changes).
+#   ./run_cdme.sh status   the services (pid, URL, readiness) and the latest runs
+#   ./run_cdme.sh stop     stop the services (by pid) and the embedded PostgreSQL
+#   ./run_cdme.sh logs [RUN_ID|SERVICE]   a run's dbt log (default: the latest run), or a service's log
+#   ./run_cdme.sh backward MODEL KEY [...] / impact ENTITY KEY... [...]   the adjoint service's traces
+# All create .venv and install the project on first use (again whenever pyproject.toml changes).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -63,9 +69,52 @@ main_job() {
   fi
   # Services authenticate every call; the demo gets a random token in $STATE/auth/token, never "auth off".
   step "creating the demo bearer token" cdme auth token >/dev/null
+  echo "== services"
+  step "starting the services" cdme services start
+  echo "== epoch $epoch"
   step "generating epoch $epoch" cdme generate --trades "$trades" --epoch "$epoch"
-  step "building the dbt project for $epoch" cdme build --epoch "$epoch" --quiet
-  echo "CDME demo complete: epoch $epoch built; warehouse: $(cdme warehouse url 2>/dev/null | sed -E 's#//([^:]+):[^@]*@#//\1:***@#')"
+  echo "== run"
+  # The planner drives validate -> dbt build -> capture -> finalize; on failure cdme prints one line
+  # (run, step, reason) and exits non-zero, and so does this script.
+  cdme run --epoch "$epoch" --summary
+}
+
+planner_cli() {  # the operators' subcommands: thin wrappers over the services' HTTP APIs
+  bootstrap ""
+  local command="$1"
+  shift
+  case "$command" in
+    status)
+      local rc=0
+      cdme services status || rc=$?
+      [ "$rc" -eq 0 ] && cdme runs --limit 5
+      return "$rc" ;;
+    stop)
+      cdme services stop
+      [ -z "${CDME_WAREHOUSE_URL:-}" ] && cdme warehouse stop
+      return 0 ;;
+    logs)
+      local what="${1:-}"
+      case "$what" in
+        validation|adjoint|lineage|planner) tail -n "${LINES:-100}" "$STATE/logs/$what.log" ;;
+        "") local latest
+            latest=$(cdme runs --limit 1 | head -n 1 | cut -d' ' -f1)
+            [ -n "$latest" ] && [ "$latest" != "0" ] || fail "no run yet" 1
+            cdme run-logs "$latest" --no-follow ;;
+        *) cdme run-logs "$what" "${@:2}" ;;
+      esac ;;
+    backward|impact) export_service_urls; cdme "$command" "$@" ;;
+  esac
+}
+
+export_service_urls() {  # the running services' URLs, for commands that read CDME_<SERVICE>_URL
+  local svc port var
+  for svc in validation adjoint lineage planner; do
+    port=$(cat "$STATE/services/$svc.port" 2>/dev/null || true)
+    var="CDME_$(echo "$svc" | tr '[:lower:]' '[:upper:]')_URL"
+    [ -n "$port" ] && export "$var=http://127.0.0.1:$port"
+  done
+  return 0
 }
 
 run_tests() {
@@ -83,6 +132,7 @@ run_tests() {
 case "${1:-}" in
   test) shift; run_tests "$@" ;;
   "") main_job ;;
-  -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) fail "unknown command '$1'; use ./run_cdme.sh (main job) or ./run_cdme.sh test" 2 ;;
+  status|stop|logs|backward|impact) planner_cli "$@" ;;
+  -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) fail "unknown command '$1'; use ./run_cdme.sh (main job), test, status, stop, logs, backward or impact" 2 ;;
 esac

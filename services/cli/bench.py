@@ -10,8 +10,13 @@ import typer
 
 from services.adjoint.domain.bench import RESULTS_PATH as ADJOINT_RESULTS_PATH
 from services.adjoint.domain.bench import run_adjoint_benchmark
+from services.cli import stack
+from services.cli.pipeline import planner_client
 from services.core.errors import UsageError
 from services.core.settings import get_settings
+from services.core.warehouse import libpq_url, resolve_warehouse_url
+from services.datagen.trading import parse_epoch
+from services.planner import bench as e2e
 from services.validation.domain.bench import RESULTS_PATH, run_validation_benchmark
 
 bench_app = typer.Typer(
@@ -155,6 +160,41 @@ def bench_adjoint(
         for line in format_adjoint_benchmark(result):
             typer.echo(line)
         typer.echo(f"written to {ADJOINT_RESULTS_PATH}")
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    trades: Annotated[int, typer.Option("--trades", min=1, help="Trades in the epoch.")] = 1_000_000,
+    epoch: Annotated[str, typer.Option("--epoch", help="Business date, YYYY-MM-DD.")] = "2026-11-20",
+    output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Time one epoch through the planner (validate, dbt build, capture, finalize) and the planner's overhead.
+
+    Starts the embedded PostgreSQL and the services if they are not running. Exits 1 unless the run is COMPLETE.
+    """
+    if output not in {"json", "text"}:
+        msg = f"--format must be text or json, got {output!r}"
+        raise UsageError(msg)
+    settings = get_settings()
+    url = libpq_url(resolve_warehouse_url(settings, start_embedded=True))
+    stack.start(settings, url)
+    with planner_client(settings) as planner:
+        result = e2e.run_e2e_benchmark(
+            planner=planner,
+            warehouse_url=url,
+            project_dir=settings.project_dir,
+            trades=trades,
+            epoch=parse_epoch(epoch),
+        )
+    if output == "json":
+        typer.echo(json.dumps(result))
+    else:
+        for line in e2e.format_e2e_benchmark(result):
+            typer.echo(line)
+        typer.echo(f"written to {e2e.RESULTS_PATH}")
+    if result["status"] != "COMPLETE":
+        typer.echo(f"cdme: error: run {result['run_id']} {result['status']}: {result['reason']}", err=True)
+        raise typer.Exit(1)
 
 
 def format_lineage_benchmark(result: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ a usage error exits 2; anything unexpected prints one line pointing at a crash l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from sqlalchemy import text
 
 from services.cli.adjoint import backward_command, impact_command, reconcile_command
 from services.cli.bench import bench_app
+from services.cli.pipeline import run_command, run_logs_command, runs_command, services_app
 from services.core.artifacts import (
     Catalog,
     Manifest,
@@ -37,6 +39,7 @@ from services.core.dbt import first_failure, parse_project, run_dbt
 from services.core.errors import CdmeError, DbtError, UsageError, WarehouseError, first_line
 from services.core.ldm import Ldm, LdmDeclarationError, load_ldm, load_project_config
 from services.core.logs import configure_logging
+from services.core.migrations import migrate, service_schema
 from services.core.secrets import resolve_pepper
 from services.core.settings import CdmeSettings, get_settings
 from services.core.warehouse import (
@@ -67,6 +70,10 @@ app.add_typer(ldm_app, name="ldm")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(auth_app, name="auth")
 app.add_typer(bench_app, name="bench")
+app.add_typer(services_app, name="services")
+app.command("run")(run_command)
+app.command("runs")(runs_command)
+app.command("run-logs")(run_logs_command)
 app.command("backward")(backward_command)
 app.command("impact")(impact_command)
 app.command("reconcile")(reconcile_command)
@@ -429,6 +436,92 @@ def validate_command(
 def auth_token() -> None:
     """Print the demo bearer token, creating it (and the tokens file) on first run."""
     typer.echo(ensure_demo_token(get_settings()))
+
+
+# -- operations -------------------------------------------------------------------------------------------------
+
+# The four services, each on its standard port (the defaults of CDME_<SERVICE>_URL): compose, k8s and the image
+# all use these.
+SERVICE_PORTS: dict[str, int] = {"validation": 8001, "adjoint": 8002, "lineage": 8003, "planner": 8004}
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
+def _check_service(service: str) -> str:
+    if service not in SERVICE_PORTS:
+        msg = f"unknown service {service!r}; choose one of {', '.join(SERVICE_PORTS)}"
+        raise UsageError(msg)
+    if not _has_module(f"services.{service}.app"):
+        msg = f"service {service!r} is not part of this installation (no services.{service}.app module)"
+        raise UsageError(msg)
+    return service
+
+
+def migratable_services() -> list[str]:
+    """The services of this installation that ship Alembic migrations, in `SERVICE_PORTS` order."""
+    return [service for service in SERVICE_PORTS if _has_module(f"services.{service}.migrations")]
+
+
+@app.command("serve")
+def serve_command(
+    service: Annotated[str, typer.Argument(help="validation, adjoint, lineage or planner.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=1, max=65535, help="Port (default: the service's standard one)."),
+    ] = None,
+) -> None:
+    """Serve one service in this process (uvicorn, one worker): what a container runs."""
+    import uvicorn
+
+    name = _check_service(service)
+    settings = get_settings()
+    # JSON lines on stdout from the first line on: uvicorn installs no handlers of its own (log_config=None).
+    configure_logging(name, settings.log_level, settings.log_format)
+    uvicorn.run(
+        f"services.{name}.app:app",
+        host=host,
+        port=port or SERVICE_PORTS[name],
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=20,
+    )
+
+
+@app.command("migrate")
+def migrate_command(
+    service: Annotated[
+        list[str] | None, typer.Option("--service", help="A service whose schema to migrate (repeatable).")
+    ] = None,
+    all_services: Annotated[
+        bool, typer.Option("--all", help="Every service of this installation that has migrations.")
+    ] = False,
+) -> None:
+    """Upgrade services' schemas (`cdme_<service>`) to their newest migration: the one-shot deploy step."""
+    if bool(service) == all_services:
+        msg = "name the services with --service, or pass --all (one of the two)"
+        raise UsageError(msg)
+    names = (
+        migratable_services() if all_services else [_check_service(s) for s in dict.fromkeys(service or [])]
+    )
+    if not names:
+        msg = "no service of this installation has migrations"
+        raise UsageError(msg)
+    engine = create_warehouse_engine(resolve_warehouse_url(get_settings()), pool_size=1)
+    try:
+        for name in names:
+            revision = migrate(engine, name)
+            typer.echo(f"{service_schema(name)}: at revision {revision or 'none'}")
+    finally:
+        engine.dispose()
 
 
 # -- entry point ----------------------------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def run_dbt(
     target: str = "dev",
     partial_parse: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+    log_name: str = "dbt.log.jsonl",
 ) -> DbtInvocation:
     """Run `dbt <command>` and wait for it.
 
@@ -130,6 +132,8 @@ def run_dbt(
         target: The profile target (`DBT_TARGET`).
         partial_parse: Reuse a parse left in `target_path` by an earlier invocation with the same inputs.
         on_progress: Called with dbt's message for each node result and the run summary.
+        on_start: Called with the dbt process once it started (a caller may terminate it to cancel).
+        log_name: The file in `target_path` that receives dbt's JSON log lines.
 
     Returns:
         The invocation; it did not necessarily succeed: check `succeeded` and `errors`.
@@ -157,9 +161,12 @@ def run_dbt(
         msg = f"cannot start dbt: {e}"
         raise DbtError(msg) from e
     assert proc.stdout is not None
-    with (target_path / "dbt.log.jsonl").open("w") as log:
+    if on_start is not None:
+        on_start(proc)
+    with (target_path / log_name).open("w") as log:
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # readers tail the log while dbt runs
             event = _parse_event(line)
             if event is None:
                 if line.strip():

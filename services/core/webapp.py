@@ -68,6 +68,8 @@ from services.core.warehouse import check_connection, create_warehouse_engine, r
 DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 PROBLEM_JSON = "application/problem+json"
 OPERATIONS_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+# The largest list offset a route accepts: far past any real list, far below PostgreSQL's bigint.
+MAX_OFFSET = 1_000_000_000
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # FastAPI's detail when a body cannot be decoded at all (not even as text).

@@ -26,6 +26,7 @@ from services.core.errors import NotFoundError, UpstreamServiceError, UsageError
 from services.core.http import ServiceClient
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
+    MAX_OFFSET,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -356,7 +357,7 @@ async def list_runs(
     _principal: PrincipalDep,
     status: Annotated[Literal["COMPLETE", "FAILED"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> RunPage:
     """Finalized runs, newest first, optionally of one status."""
     records, total = await run_in_threadpool(

@@ -294,7 +294,33 @@ def _compile(body: ValidateRequest, settings: CdmeSettings) -> tuple[dict[str, A
         return _read_json(Path(target) / "manifest.json"), config
 
 
+def _refuse_nul(body: BaseModel) -> None:
+    """Refuse a request carrying U+0000 anywhere: PostgreSQL can store it neither in text nor in jsonb.
+
+    Raises:
+        UsageError: Where the first NUL is, e.g. `body.manifest.nodes.<id>.name`.
+    """
+    stack: list[tuple[Any, str]] = [(getattr(body, name), f"body.{name}") for name in type(body).model_fields]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                msg = f"{where}: contains a NUL character (\\u0000), which CDME cannot store"
+                raise UsageError(msg)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    msg = f"{where}: a key contains a NUL character (\\u0000), which CDME cannot store"
+                    raise UsageError(msg)
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, BaseModel):
+            stack.extend((getattr(value, name), f"{where}.{name}") for name in type(value).model_fields)
+
+
 def _parse(body: ValidateRequest, settings: CdmeSettings) -> _Project:
+    _refuse_nul(body)
     config_document = body.config
     if body.manifest is not None:
         manifest_document, source = body.manifest, "body.manifest"
@@ -551,9 +577,9 @@ async def cost_estimate(
     principal: PrincipalDep,
     context: ContextDep,
     report_id: uuid.UUID | None = None,
-    max_output_rows: Annotated[int | None, Query(ge=0)] = None,
-    max_intermediate_rows: Annotated[int | None, Query(ge=0)] = None,
-    max_join_depth: Annotated[int | None, Query(ge=0)] = None,
+    max_output_rows: Annotated[int | None, Query(gt=0)] = None,
+    max_intermediate_rows: Annotated[int | None, Query(gt=0)] = None,
+    max_join_depth: Annotated[int | None, Query(gt=0)] = None,
 ) -> CostEstimateResult:
     """Estimate one model's output rows, largest intermediate step and join depth from the warehouse's statistics.
 

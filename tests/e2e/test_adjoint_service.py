@@ -15,8 +15,10 @@ import pytest
 
 from services.lineage.domain.partitions import parse_partitions
 from tests.conftest import PROJECT_DIR, CliResult
-from tests.e2e.test_validation_service import AUTH, PROBLEM_KEYS, TOKEN, Service
+from tests.e2e.test_validation_service import PROBLEM_KEYS
 from tests.integration.test_adjoint_reference import build_project
+from tests.service_process import AUTH, TOKEN
+from tests.service_process import ServiceProcess as Service
 
 pytestmark = pytest.mark.integration
 

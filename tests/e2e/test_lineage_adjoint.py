@@ -19,9 +19,9 @@ import pytest
 
 from tests.conftest import PROJECT_DIR
 from tests.e2e.test_lineage_service import AppService, lineage_service
-from tests.e2e.test_validation_service import AUTH
 from tests.integration.test_adjoint_reference import build_project
 from tests.integration.test_reference_project import FIRST_EPOCH
+from tests.service_process import AUTH
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,10 @@ import pytest
 
 from services.core.settings import PROJECT_ROOT
 from tests.conftest import RESEARCH_DATA
-from tests.e2e.test_validation_service import AUTH, Service, _assert_problem, _free_port
+from tests.e2e.test_validation_service import _assert_problem
+from tests.service_process import AUTH
+from tests.service_process import ServiceProcess as Service
+from tests.service_process import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -182,6 +185,7 @@ def test_bad_requests_get_problems(service: AppService) -> None:
         _assert_problem(api.post(f"/runs/{run_id}/finalize", json={"artifact_dir": "x"}), 422)
         _assert_problem(api.get(f"/runs/{uuid.uuid4()}/events"), 404)
         _assert_problem(api.get("/runs", params={"status": "DONE"}), 422)
+        _assert_problem(api.get("/runs", params={"offset": 2**63}), 422)
         # dbt succeeded but the adjoint is unreachable: the run stays unfinalized (the planner retries).
         ok = _body(directory, dbt={"status": "success"})
         _assert_problem(api.post(f"/runs/{run_id}/finalize", json=ok), 502)

@@ -5,100 +5,21 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from services.core.settings import PROJECT_ROOT
 from tests.conftest import PROJECT_DIR, RESEARCH_DATA
+from tests.service_process import AUTH, TOKEN
+from tests.service_process import ServiceProcess as Service
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
-
-
-class Service:
-    """A real CDME service (default: validation), started as `uvicorn <app>` and stopped by its pid."""
-
-    def __init__(
-        self,
-        database_url: str,
-        home: Path,
-        app: str = "services.validation.app:app",
-        tokens: str = f"{TOKEN}=tester:data_engineer",
-    ) -> None:
-        self.app = app
-        self.tokens = tokens
-        self.database_url = database_url
-        self.home = home
-        self.log = home / "service.log"
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-        env |= {
-            "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": self.tokens,
-            "CDME_HOME": str(self.home),
-        }
-        command = [sys.executable, "-m", "uvicorn", self.app]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the service exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/livez", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"the service did not answer /livez within {timeout}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -602,3 +523,25 @@ def test_validate_estimates_costs_when_budgeted_and_keeps_them_with_the_report(
     assert [f["model"] for f in report["findings"] if f["rule"] == "cost"] == ["metricflow_time_spine"]
     assert report["status"] == "rejected"
     assert api.get(f"/reports/{report['id']}").json()["costs"] == report["costs"]
+
+
+# -- U+0000 -------------------------------------------------------------------------------------------------------
+
+
+def test_a_nul_character_anywhere_is_a_located_422(service: Service, api: httpx.Client) -> None:
+    # PostgreSQL stores U+0000 in neither text nor jsonb: refused up front, with where it is.
+    before = _report_count(service)
+    manifest = {"metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json"}}
+    keyed = api.post("/validate", json={"manifest": {**manifest, "nodes": {"model.p.a\x00b": {}}}})
+    assert _assert_problem(keyed, 422)["detail"] == (
+        "body.manifest.nodes: a key contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    valued = api.post("/validate", json={"manifest": {**manifest, "nodes": {"n": {"name": ["ok", "a\x00"]}}}})
+    assert _assert_problem(valued, 422)["detail"] == (
+        "body.manifest.nodes.n.name[1]: contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    sql = api.post("/validate/mapping", json={"manifest": manifest, "name": "m", "sql": "select '\x00'"})
+    assert _assert_problem(sql, 422)["detail"] == (
+        "body.sql: contains a NUL character (\\u0000), which CDME cannot store"
+    )
+    assert _report_count(service) == before

@@ -324,15 +324,22 @@ def test_main_job_runs_end_to_end_on_its_own_embedded_server(tmp_path: Path) -> 
             check=False,
         )
         assert proc.returncode == 0, proc.stderr
-        assert "dbt build of epoch 2026-11-18: {'pass': " in proc.stdout
-        assert "cdme.marts.fct_daily_positions" in proc.stdout
-        assert proc.stdout.strip().splitlines()[-1].startswith("CDME demo complete: epoch 2026-11-18 built;")
+        lines = proc.stdout.splitlines()
+        for service in ("validation", "adjoint", "lineage", "planner"):
+            assert any(line.startswith(f"{service} ") and " running " in line for line in lines), service
+        assert any(line.split()[:2] == ["dbt", "succeeded"] for line in lines)
+        assert any(line.endswith(" COMPLETE") and line.startswith("run ") for line in lines)
+        assert any(line.startswith("ledger: BALANCED") for line in lines)
+        assert lines[-2].startswith("backward trace: fct_daily_positions [2026-11-18|")
+        assert "raw trades" in lines[-2] and lines[-1].strip().endswith("<- raw_trading.trades")
     finally:
+        # The services and the embedded server, by their pids.
         subprocess.run(
-            [str(PROJECT_DIR.parent / ".venv" / "bin" / "cdme"), "warehouse", "stop"],
+            [str(PROJECT_DIR.parent / "run_cdme.sh"), "stop"],
             env=env,
             capture_output=True,
             check=False,
+            timeout=120,
         )
 
 

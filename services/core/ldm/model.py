@@ -60,6 +60,17 @@ class VersionedDecl(_Declaration):
     version_column: str | None = None
 
 
+class IngestDecl(_Declaration):
+    """Where a source's files arrive: the planner's ingest step loads the epoch's file into the source table.
+
+    `location` is relative to the planner's landing directory and may hold `{epoch}` (the run's business date);
+    personal-data columns are the columns declared `sensitivity: personal`, the owner is the entity's `owner`.
+    """
+
+    location: str = Field(min_length=1, max_length=500)
+    format: Literal["csv", "parquet"] = "csv"
+
+
 class EntityDecl(_Declaration):
     """Everything `meta.cdme` may say about a source, seed, snapshot or model."""
 
@@ -79,6 +90,7 @@ class EntityDecl(_Declaration):
     versioned: VersionedDecl | None = None
     external: bool = False
     owner: str | None = None
+    ingest: IngestDecl | None = None
 
     _key_list = field_validator("key", mode="before")(as_list)
     _req_list = field_validator("req", "access", mode="before")(as_list)

@@ -1,0 +1,104 @@
+"""The planner service over real HTTP while its peers are down: auth, problem documents, readiness.
+
+The validation and planner services run as uvicorn processes on one fresh database; nothing listens where the
+adjoint and lineage services should be. Runs through all four services are in `test_pipeline_e2e.py`, the
+state machine with absent peers in `tests/integration/test_planner_runs.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests.service_process import ServiceProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "planner-e2e-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EPOCH = date(2026, 11, 20)
+
+
+@dataclass
+class Stack:
+    url: str
+    home: Path
+    validation: ServiceProcess
+    planner: ServiceProcess
+
+    def api(self) -> httpx.Client:
+        return self.planner.client(AUTH)
+
+    def rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(query, params).fetchall()
+
+
+@pytest.fixture(scope="module")
+def stack(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    url = new_database()
+    home = tmp_path_factory.mktemp("planner-service")
+    validation_port, planner_port = free_port(), free_port()
+    env = {
+        "CDME_WAREHOUSE_URL": url,
+        "CDME_AUTH_TOKENS": f"{TOKEN}=planner:data_engineer,auditor,service",
+        "CDME_SERVICE_TOKEN": TOKEN,
+        "CDME_HOME": str(home),
+        "CDME_PEPPER": "e2e-pepper-0123456789abcdef",
+        "CDME_VALIDATION_URL": f"http://127.0.0.1:{validation_port}",
+        "CDME_ADJOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "CDME_LINEAGE_URL": f"http://127.0.0.1:{free_port()}",
+        "CDME_HTTP_RETRIES": "0",
+        "CDME_PLANNER_PEER_WAIT_S": "0",
+    }
+    validation = ServiceProcess(
+        url, home, service="validation", env=env, port=validation_port, log_name="validation.log"
+    )
+    planner = ServiceProcess(url, home, service="planner", env=env, port=planner_port, log_name="planner.log")
+    validation.start()
+    planner.start()
+    try:
+        yield Stack(url, home, validation, planner)
+    finally:
+        planner.stop()
+        validation.stop()
+
+
+def _problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "Traceback" not in response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_runs_need_a_token_and_bad_requests_are_problems(stack: Stack) -> None:
+    with stack.planner.client() as anonymous:
+        _problem(anonymous.get("/runs"), 401)
+        _problem(anonymous.post("/runs", json={"epoch": "2026-11-20"}), 401)
+        assert anonymous.get("/livez").status_code == 200
+        # Adjoint and lineage are down: the planner is alive but not ready.
+        not_ready = _problem(anonymous.get("/readyz"), 502)
+        assert "adjoint not ready" in not_ready["detail"] and "lineage not ready" in not_ready["detail"]
+    with stack.api() as api:
+        assert "epoch" in _problem(api.post("/runs", json={"epoch": "20-11-2026"}), 422)["detail"]
+        extra = _problem(api.post("/runs", json={"epoch": "2026-11-20", "x": 1}), 422)
+        assert extra["errors"][0]["location"] == "body.x"
+        assert (
+            "not 'other'"
+            in _problem(api.post("/runs", json={"epoch": "2026-11-20", "project": "other"}), 422)["detail"]
+        )
+        assert (
+            "unknown dbt runtime"
+            in _problem(api.post("/runs", json={"epoch": "2026-11-20", "runtime": "spark"}), 422)["detail"]
+        )
+        _problem(api.get("/runs/01a20000-0000-7000-8000-000000000000"), 404)
+        _problem(api.get("/runs/not-a-uuid"), 422)
+        _problem(api.post("/runs/01a20000-0000-7000-8000-000000000000/resume"), 404)

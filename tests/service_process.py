@@ -1,0 +1,118 @@
+"""A CDME service as a real process: `uvicorn services.<service>.app:app` on a free loopback port, stopped by pid.
+
+End-to-end and hardening tests share it, so every service is exercised the way it is deployed: its own process,
+real HTTP, a real PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.core.settings import PROJECT_ROOT
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """One service started as `uvicorn <app>` (default `services.<service>.app:app`) with its own `CDME_HOME`.
+
+    The process gets no `CDME_` variable from the test runner's environment: only the warehouse URL, the
+    tokens (default: `TOKEN` for principal `tester` with role `data_engineer`), the home directory and `env`.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        home: Path,
+        app: str | None = None,
+        tokens: str | None = None,
+        *,
+        service: str = "validation",
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        log_name: str = "service.log",
+    ) -> None:
+        self.app = app or f"services.{service}.app:app"
+        self.service = self.app.split(".")[1] if app else service
+        self.tokens = tokens or f"{TOKEN}=tester:data_engineer"
+        self.database_url = database_url
+        self.home = home
+        self.env = dict(env or {})
+        self.log = home / log_name  # several services sharing one home each get their own log
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
+        env |= {
+            "CDME_WAREHOUSE_URL": self.database_url,
+            "CDME_AUTH_TOKENS": self.tokens,
+            "CDME_HOME": str(self.home),
+            **self.env,
+        }
+        command = [sys.executable, "-m", "uvicorn", self.app]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"the {self.service} service exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.base_url}/livez", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"the {self.service} service did not answer /livez within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash: no shutdown hook of the service runs."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait(timeout=15)
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def client(self, headers: dict[str, str] | None = None, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
