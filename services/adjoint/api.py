@@ -40,6 +40,7 @@ from services.core.webapp import (
     ServiceMetrics,
     context_dependency,
     problem_responses,
+    refuse_nul,
 )
 
 
@@ -102,6 +103,7 @@ class CaptureResponse(BaseModel):
 
 
 def _capture(run_id: str, body: CaptureRequest, context: ServiceContext[AdjointState]) -> CaptureResponse:
+    refuse_nul(body)
     run_id = normalise_run_id(run_id)
     config = parse_project_config(body.config) if body.config is not None else context.state.config
     mode = body.lineage_mode or context.settings.lineage_mode or config.defaults.lineage_mode
@@ -201,6 +203,7 @@ class ImpactRequest(BaseModel):
 @router.post("/impact")
 async def impact(body: ImpactRequest, principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
     """Every downstream record the keys affect, per model and path: exact counts, up to `keys_per_path` keys."""
+    refuse_nul(body)
     return await run_in_threadpool(
         lambda: queries.impact(
             context.engine,

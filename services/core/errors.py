@@ -112,6 +112,14 @@ class ConflictError(CdmeError):
     title = "Conflict"
 
 
+class NotReadyError(CdmeError):
+    """A service cannot serve yet: its database, its schema or a peer it needs is not there."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+    http_status = 503
+    title = "Not ready"
+
+
 def first_line(error: BaseException) -> str:
     """The first non-blank line of an exception's message (drivers append hints and context lines)."""
     original = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error

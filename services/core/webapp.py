@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core.auth import Principal, TokenAuthenticator
-from services.core.errors import AuthenticationError, CdmeError, error_location
+from services.core.errors import AuthenticationError, CdmeError, NotReadyError, UsageError, error_location
 from services.core.logs import configure_logging, current_context, log_context
 from services.core.migrations import migrate, migration_lag
 from services.core.settings import CdmeSettings, get_settings
@@ -312,6 +312,31 @@ def _route_server_logs() -> None:
     uvicorn_access.propagate = False
 
 
+def refuse_nul(body: BaseModel) -> None:
+    """Refuse a request carrying U+0000 anywhere: PostgreSQL can store it neither in text nor in jsonb.
+
+    Raises:
+        UsageError: Where the first NUL is, e.g. `body.manifest.nodes.<id>.name`.
+    """
+    stack: list[tuple[Any, str]] = [(getattr(body, name), f"body.{name}") for name in type(body).model_fields]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                msg = f"{where}: contains a NUL character (\\u0000), which CDME cannot store"
+                raise UsageError(msg)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    msg = f"{where}: a key contains a NUL character (\\u0000), which CDME cannot store"
+                    raise UsageError(msg)
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, BaseModel):
+            stack.extend((getattr(value, name), f"{where}.{name}") for name in type(value).model_fields)
+
+
 # -- what routes depend on ----------------------------------------------------------------------------------------
 
 
@@ -386,10 +411,14 @@ def _operations(service: str, ready_checks: Sequence[ReadyCheck]) -> APIRouter:
         return {"status": "alive"}
 
     def check(context: ServiceContext[Any]) -> None:
-        check_connection(context.engine)
-        migration_lag(context.engine, service)
-        for extra in ready_checks:
-            extra(context)
+        try:
+            check_connection(context.engine)
+            migration_lag(context.engine, service)
+            for extra in ready_checks:
+                extra(context)
+        except CdmeError as e:
+            # Whatever is missing (database, schema, a peer), the probe's answer is the one status it documents.
+            raise NotReadyError(str(e)) from e
 
     @operations.get(
         "/readyz",

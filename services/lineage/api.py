@@ -32,6 +32,7 @@ from services.core.webapp import (
     ServiceMetrics,
     context_dependency,
     problem_responses,
+    refuse_nul,
 )
 from services.lineage.delivery import Deliverer, DeliveryLoop, transport_from_settings
 from services.lineage.domain.partitions import Partitions
@@ -215,6 +216,7 @@ async def finalize(
 
     Idempotent: a run finalized before is answered from its record.
     """
+    refuse_nul(body)
     state = context.state
     request = FinalizeInput(
         run_id=_run_id(run_id),

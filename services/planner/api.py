@@ -31,6 +31,7 @@ from services.core.webapp import (
     ServiceMetrics,
     context_dependency,
     problem_responses,
+    refuse_nul,
 )
 from services.planner.domain.model import TERMINAL, Run, RunRequest, RunStatus, StepName, StepStatus
 from services.planner.domain.planner import Planner, planner_from_settings
@@ -180,6 +181,7 @@ async def create_run(
     rejected stops before dbt; an `advisory` one carries on. A `dry_run` stops after validation and cost
     estimation and writes nothing to the warehouse.
     """
+    refuse_nul(body)
     run = await run_in_threadpool(context.state.planner.submit, principal.name, body)
     response.headers["Location"] = request.url_for("get_run", run_id=str(run.id)).path
     return _view(run, context, request)

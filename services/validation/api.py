@@ -40,6 +40,7 @@ from services.core.webapp import (
     ServiceMetrics,
     context_dependency,
     problem_responses,
+    refuse_nul,
 )
 from services.validation.domain import Finding, Report, validate_project
 from services.validation.domain.cost import TableStats, estimate_costs, relations_of, warehouse_stats
@@ -294,33 +295,8 @@ def _compile(body: ValidateRequest, settings: CdmeSettings) -> tuple[dict[str, A
         return _read_json(Path(target) / "manifest.json"), config
 
 
-def _refuse_nul(body: BaseModel) -> None:
-    """Refuse a request carrying U+0000 anywhere: PostgreSQL can store it neither in text nor in jsonb.
-
-    Raises:
-        UsageError: Where the first NUL is, e.g. `body.manifest.nodes.<id>.name`.
-    """
-    stack: list[tuple[Any, str]] = [(getattr(body, name), f"body.{name}") for name in type(body).model_fields]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, str):
-            if "\x00" in value:
-                msg = f"{where}: contains a NUL character (\\u0000), which CDME cannot store"
-                raise UsageError(msg)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and "\x00" in key:
-                    msg = f"{where}: a key contains a NUL character (\\u0000), which CDME cannot store"
-                    raise UsageError(msg)
-                stack.append((item, f"{where}.{key}"))
-        elif isinstance(value, list):
-            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
-        elif isinstance(value, BaseModel):
-            stack.extend((getattr(value, name), f"{where}.{name}") for name in type(value).model_fields)
-
-
 def _parse(body: ValidateRequest, settings: CdmeSettings) -> _Project:
-    _refuse_nul(body)
+    refuse_nul(body)
     config_document = body.config
     if body.manifest is not None:
         manifest_document, source = body.manifest, "body.manifest"

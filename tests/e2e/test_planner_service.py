@@ -85,7 +85,7 @@ def test_runs_need_a_token_and_bad_requests_are_problems(stack: Stack) -> None:
         _problem(anonymous.post("/runs", json={"epoch": "2026-11-20"}), 401)
         assert anonymous.get("/livez").status_code == 200
         # Adjoint and lineage are down: the planner is alive but not ready.
-        not_ready = _problem(anonymous.get("/readyz"), 502)
+        not_ready = _problem(anonymous.get("/readyz"), 503)
         assert "adjoint not ready" in not_ready["detail"] and "lineage not ready" in not_ready["detail"]
     with stack.api() as api:
         assert "epoch" in _problem(api.post("/runs", json={"epoch": "20-11-2026"}), 422)["detail"]
