@@ -35,6 +35,7 @@ from services.core.artifacts import parse_manifest, parse_run_results
 from services.core.ldm import ProjectConfig, load_project_config, parse_project_config
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
+    DatabaseGauge,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -54,9 +55,33 @@ class AdjointState:
 
 @asynccontextmanager
 async def open_state(
-    settings: CdmeSettings, _engine: Engine, _metrics: ServiceMetrics
+    settings: CdmeSettings, engine: Engine, metrics: ServiceMetrics
 ) -> AsyncIterator[AdjointState]:
-    """Read the project's `cdme.yml` once for the service's life."""
+    """Read the project's `cdme.yml` once for the service's life; expose what is captured as metrics."""
+    metrics.database_gauges(
+        engine,
+        [
+            DatabaseGauge(
+                "captured_pairs",
+                "Mapped pairs held for captured runs, by lineage mode.",
+                ("mode",),
+                "select lineage_mode, sum(pairs) from cdme_adjoint.runs group by lineage_mode",
+            ),
+            DatabaseGauge(
+                "captured_runs",
+                "Captured runs, by lineage mode.",
+                ("mode",),
+                "select lineage_mode, count(*) from cdme_adjoint.runs group by lineage_mode",
+            ),
+            DatabaseGauge(
+                "last_capture_seconds",
+                "How long the newest capture took, by lineage mode.",
+                ("mode",),
+                "select distinct on (lineage_mode) lineage_mode, seconds from cdme_adjoint.runs"
+                " order by lineage_mode, captured_at desc",
+            ),
+        ],
+    )
     yield AdjointState(load_project_config(settings.project_dir / "cdme.yml"), threading.Lock())
 
 

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -51,14 +51,24 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core.auth import Principal, TokenAuthenticator
-from services.core.errors import AuthenticationError, CdmeError, NotReadyError, UsageError, error_location
+from services.core.errors import (
+    AuthenticationError,
+    CdmeError,
+    NotReadyError,
+    UsageError,
+    error_location,
+    first_line,
+)
 from services.core.logs import configure_logging, current_context, log_context
 from services.core.migrations import migrate, migration_lag
 from services.core.settings import CdmeSettings, get_settings
@@ -212,6 +222,14 @@ class ServiceMetrics:
         """A gauge `cdme_<service>_<name>` in this registry."""
         return Gauge(f"cdme_{self.service}_{name}", documentation, list(labels), registry=self.registry)
 
+    def database_gauges(self, engine: Engine, gauges: Sequence[DatabaseGauge]) -> None:
+        """Gauges read from the service's own tables at each scrape.
+
+        State lives in PostgreSQL, shared by every replica, so these read the same on all of them and survive
+        restarts; a query that fails (database down) leaves its gauge out of that scrape, never fails it.
+        """
+        self.registry.register(_DatabaseCollector(self.service, engine, tuple(gauges)))
+
     def histogram(
         self,
         name: str,
@@ -227,6 +245,50 @@ class ServiceMetrics:
             registry=self.registry,
             buckets=tuple(buckets),
         )
+
+
+@dataclass(frozen=True)
+class DatabaseGauge:
+    """A gauge `cdme_<service>_<name>` whose samples are the rows of `query`: label values, then the value.
+
+    Label values must come from bounded sets (statuses, steps, modes), never keys or run ids.
+    """
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    query: str
+
+
+class _DatabaseCollector(Collector):
+    def __init__(self, service: str, engine: Engine, gauges: tuple[DatabaseGauge, ...]) -> None:
+        self.service = service
+        self.engine = engine
+        self.gauges = gauges
+
+    def describe(self) -> list[Metric]:
+        # Described without querying, so registering never touches the database.
+        return [
+            GaugeMetricFamily(f"cdme_{self.service}_{g.name}", g.documentation, labels=list(g.labels))
+            for g in self.gauges
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("set local statement_timeout = '2s'"))
+                rows = {g.name: conn.execute(text(g.query)).all() for g in self.gauges}
+        except SQLAlchemyError as e:
+            logging.getLogger(f"cdme.{self.service}").warning("metrics query failed: %s", first_line(e))
+            return
+        for gauge in self.gauges:
+            family = GaugeMetricFamily(
+                f"cdme_{self.service}_{gauge.name}", gauge.documentation, labels=list(gauge.labels)
+            )
+            for row in rows[gauge.name]:
+                *labels, value = row
+                family.add_metric([str(v) for v in labels], float(cast(float, value) or 0))
+            yield family
 
 
 class RequestContextMiddleware:

@@ -27,6 +27,7 @@ from services.core.http import ServiceClient
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
     MAX_OFFSET,
+    DatabaseGauge,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -144,6 +145,29 @@ async def open_state(
     settings: CdmeSettings, engine: Engine, metrics: ServiceMetrics
 ) -> AsyncIterator[LineageState]:
     """Open the store and the transport, and run the delivery loop while the service is up."""
+    metrics.database_gauges(
+        engine,
+        [
+            DatabaseGauge(
+                "outbox_backlog",
+                "OpenLineage events queued and not yet delivered.",
+                (),
+                "select count(*) from cdme_lineage.events where delivered_at is null",
+            ),
+            DatabaseGauge(
+                "ledgers",
+                "Ledgers written, by status (BALANCED or UNBALANCED).",
+                ("status",),
+                "select status, count(*) from cdme_lineage.ledgers group by status",
+            ),
+            DatabaseGauge(
+                "runs",
+                "Finalized runs, by gate status (COMPLETE or FAILED).",
+                ("status",),
+                "select status, count(*) from cdme_lineage.runs group by status",
+            ),
+        ],
+    )
     store = LineageStore(engine)
     deliverer = Deliverer(store, transport_from_settings(settings))
     finalizer = Finalizer(

@@ -26,6 +26,7 @@ from services.core.errors import UpstreamServiceError
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
     MAX_OFFSET,
+    DatabaseGauge,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -92,9 +93,34 @@ class PlannerState:
 
 @asynccontextmanager
 async def open_state(
-    settings: CdmeSettings, engine: Engine, _metrics: ServiceMetrics
+    settings: CdmeSettings, engine: Engine, metrics: ServiceMetrics
 ) -> AsyncIterator[PlannerState]:
     """The planner, opened once `cdme_planner` is migrated; unfinished runs resume, workers stop at shutdown."""
+    metrics.database_gauges(
+        engine,
+        [
+            DatabaseGauge(
+                "step_seconds_sum",
+                "Total duration of finished run steps, by step and status.",
+                ("step", "status"),
+                "select step, status, sum(extract(epoch from ended_at - started_at)) from cdme_planner.steps"
+                " where ended_at is not null and started_at is not null group by step, status",
+            ),
+            DatabaseGauge(
+                "steps_finished",
+                "Finished run steps, by step and status.",
+                ("step", "status"),
+                "select step, status, count(*) from cdme_planner.steps"
+                " where ended_at is not null group by step, status",
+            ),
+            DatabaseGauge(
+                "runs",
+                "Runs, by status.",
+                ("status",),
+                "select status, count(*) from cdme_planner.runs group by status",
+            ),
+        ],
+    )
     planner = await run_in_threadpool(planner_from_settings, settings, engine)
     await run_in_threadpool(planner.resume_unfinished)
     try:

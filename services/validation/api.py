@@ -23,6 +23,7 @@ import yaml
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,6 +36,7 @@ from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
 from services.core.ldm.config import Budget
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
+    DatabaseGauge,
     PrincipalDep,
     ServiceContext,
     ServiceMetrics,
@@ -223,17 +225,34 @@ def _outcome(report: Report) -> Outcome:
 
 @dataclass(frozen=True)
 class ValidationState:
-    """The validation service's own state: where reports are kept."""
+    """The validation service's own state: where reports are kept, and the findings counter."""
 
     store: ReportStore
+    findings: Counter
 
 
 @asynccontextmanager
 async def open_state(
-    _settings: CdmeSettings, engine: Engine, _metrics: ServiceMetrics
+    _settings: CdmeSettings, engine: Engine, metrics: ServiceMetrics
 ) -> AsyncIterator[ValidationState]:
     """The service's state, opened by the lifespan once `cdme_validation` is migrated."""
-    yield ValidationState(ReportStore(engine))
+    findings = metrics.counter(
+        "findings",
+        "Findings of the validations this process stored, by rule, severity and verdict.",
+        ["rule", "severity", "verdict"],
+    )
+    metrics.database_gauges(
+        engine,
+        [
+            DatabaseGauge(
+                "reports",
+                "Stored validation reports, by status.",
+                ("status",),
+                "select status, count(*) from cdme_validation.reports group by status",
+            )
+        ],
+    )
+    yield ValidationState(ReportStore(engine), findings)
 
 
 Context = ServiceContext[ValidationState]
@@ -358,6 +377,8 @@ def _validate_and_store(
         budget=body.budget,
     )
     outcome = _outcome(report)
+    for finding in report.findings:
+        context.state.findings.labels(finding.rule, finding.severity, finding.verdict).inc()
     report_id = context.state.store.save(
         NewReport(
             principal=principal.name,

@@ -176,6 +176,38 @@ def test_a_clean_epoch_completes_with_a_balanced_ledger(
         assert api.get("/readyz").json() == {"status": "ready"}
 
 
+def _metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    assert values, f"no sample {prefix.strip()} in:\n" + "\n".join(
+        line for line in text.splitlines() if line.startswith(name)
+    )
+    return values[0]
+
+
+def test_every_service_exposes_what_the_run_did_as_metrics_without_a_token(
+    pipeline: Pipeline, clean_run: dict[str, Any]
+) -> None:
+    assert clean_run["status"] == "COMPLETE"
+    scraped = {
+        name: httpx.get(f"{service.base_url}/metrics", timeout=10).text
+        for name, service in pipeline.services.items()
+    }
+    assert _metric(scraped["planner"], "cdme_planner_steps_finished", step="dbt", status="succeeded") >= 1
+    assert (
+        _metric(scraped["planner"], "cdme_planner_step_seconds_sum", step="capture", status="succeeded") > 0
+    )
+    assert _metric(scraped["planner"], "cdme_planner_runs", status="COMPLETE") >= 1
+    assert _metric(scraped["adjoint"], "cdme_adjoint_captured_pairs", mode="full") >= TRADES / 2
+    assert _metric(scraped["lineage"], "cdme_lineage_ledgers", status="BALANCED") >= 1
+    assert _metric(scraped["lineage"], "cdme_lineage_outbox_backlog") >= 0
+    assert _metric(scraped["validation"], "cdme_validation_reports", status="passed") >= 1
+    # Label sets stay bounded: no run ids or keys in any metric.
+    for text in scraped.values():
+        assert clean_run["id"] not in text
+
+
 def test_a_planner_killed_mid_run_completes_it_after_restart_with_the_same_ledger(
     pipeline: Pipeline, clean_run: dict[str, Any]
 ) -> None:

@@ -523,6 +523,9 @@ def test_validate_estimates_costs_when_budgeted_and_keeps_them_with_the_report(
     assert [f["model"] for f in report["findings"] if f["rule"] == "cost"] == ["metricflow_time_spine"]
     assert report["status"] == "rejected"
     assert api.get(f"/reports/{report['id']}").json()["costs"] == report["costs"]
+    metrics = api.get("/metrics").text
+    assert 'cdme_validation_findings_total{rule="cost",severity="error",verdict="VIOLATION"}' in metrics
+    assert 'cdme_validation_reports{status="rejected"}' in metrics
 
 
 # -- U+0000 -------------------------------------------------------------------------------------------------------
