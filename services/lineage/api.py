@@ -306,11 +306,29 @@ async def get_ledger(run_id: str, context: ContextDep, _principal: PrincipalDep)
 
 
 @router.get("/runs/{run_id}/events", responses=problem_responses(404))
-async def get_events(run_id: str, context: ContextDep, _principal: PrincipalDep) -> dict[str, Any]:
-    """The run's OpenLineage events in queue order, each with its delivery state."""
+async def get_events(
+    run_id: str,
+    context: ContextDep,
+    _principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> dict[str, Any]:
+    """The run's OpenLineage events in queue order, each with its delivery state, a page at a time.
+
+    `next_offset` is the offset of the next page, null on the last one.
+    """
     record = await run_in_threadpool(_record, context, run_id)
-    events = await run_in_threadpool(context.state.store.events_of, record.run_id)
-    return {"run_id": record.run_id, "events": events}
+    # One more than the page says whether another page follows, without counting the whole run.
+    events = await run_in_threadpool(
+        lambda: context.state.store.events_of(record.run_id, limit=limit + 1, offset=offset)
+    )
+    more = len(events) > limit
+    return {
+        "run_id": record.run_id,
+        "events": events[:limit],
+        "offset": offset,
+        "next_offset": offset + limit if more else None,
+    }
 
 
 @router.get("/runs/{run_id}/lineage", responses=problem_responses(404))

@@ -227,12 +227,14 @@ class LineageStore:
             ).first()
         return (row.path, row.ledger) if row is not None else None
 
-    def events_of(self, run_id: str) -> list[dict[str, Any]]:
-        """A run's events in the order they were queued, with their delivery state."""
+    def events_of(self, run_id: str, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """A run's events in the order they were queued, with their delivery state (a page of them if asked)."""
         query = (
             select(events.c.event_id, events.c.payload, events.c.delivered_at, events.c.attempts)
             .where(events.c.run_id == run_id)
             .order_by(events.c.id)
+            .limit(limit)
+            .offset(offset)
         )
         with self.engine.connect() as conn:
             return [

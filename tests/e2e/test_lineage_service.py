@@ -151,6 +151,10 @@ def test_a_failed_dbt_run_is_finalized_failed_with_its_fail_event_and_queryable(
         assert api.post(f"/runs/{run_id}/finalize", json=_body(directory)).json() == result  # idempotent
         events = api.get(f"/runs/{run_id}/events").json()["events"]
         assert [e["event"]["eventType"] for e in events] == ["START", "FAIL"]
+        first = api.get(f"/runs/{run_id}/events", params={"limit": 1}).json()
+        assert [e["event"]["eventType"] for e in first["events"]] == ["START"] and first["next_offset"] == 1
+        last = api.get(f"/runs/{run_id}/events", params={"limit": 1, "offset": 1}).json()
+        assert [e["event"]["eventType"] for e in last["events"]] == ["FAIL"] and last["next_offset"] is None
         page = api.get("/runs", params={"status": "FAILED", "limit": 1}).json()
         assert page["runs"][0]["run_id"] == run_id and page["limit"] == 1
         proof = api.get(f"/runs/{run_id}/proof").json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import uuid
@@ -236,9 +237,13 @@ def test_a_principal_cannot_traverse_models_it_may_not_see(built: Built, full_ru
         )
 
 
-def test_capture_is_idempotent_and_reconciles(built: Built) -> None:
+def test_capture_is_idempotent_and_reconciles(built: Built, caplog: pytest.LogCaptureFixture) -> None:
     run_id = str(uuid.uuid4())
-    first = capture_run(built, run_id)
+    with caplog.at_level(logging.INFO, logger="cdme.adjoint.capture"):
+        first = capture_run(built, run_id)
+    # Each morphism's log line carries the requirement keys its model declares.
+    logged = {r.model: r.req for r in caplog.records if r.getMessage() == "morphism captured"}  # type: ignore[attr-defined]
+    assert logged["int_trades_active"] == ["REQ-FLT-01", "REQ-ACC-01"]
     again = capture_run(built, run_id)
     assert first.pairs == again.pairs > 0
     assert (
