@@ -7,7 +7,6 @@ real HTTP, a real PostgreSQL database.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.core.net import free_port
 from services.core.settings import PROJECT_ROOT
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServiceProcess:

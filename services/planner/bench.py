@@ -9,14 +9,12 @@ between steps). They are written to `benchmarks/results/e2e.json` with the machi
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from services.core.benchmarking import load_average, machine, measured_at, write_result
 from services.core.http import ServiceClient
 from services.core.settings import PROJECT_ROOT
 from services.datagen.trading import GenerateRequest, currency_codes, generate
@@ -53,7 +51,7 @@ def run_e2e_benchmark(
     Raises:
         UpstreamServiceError: The planner refused the run or could not be reached.
     """
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load = load_average()
     report = generate(
         warehouse_url,
         GenerateRequest(trades=trades, epoch=epoch, seed=seed),
@@ -101,17 +99,10 @@ def run_e2e_benchmark(
                 "applies": True,
             },
         ],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": load,
-        },
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(load),
+        "measured_at": measured_at(),
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     return result
 
 

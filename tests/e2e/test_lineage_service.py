@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
+from services.core.net import free_port as _free_port
 from services.core.settings import PROJECT_ROOT
 from tests.conftest import RESEARCH_DATA
 from tests.e2e.test_validation_service import _assert_problem
 from tests.service_process import AUTH
 from tests.service_process import ServiceProcess as Service
-from tests.service_process import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 

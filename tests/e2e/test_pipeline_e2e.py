@@ -24,9 +24,10 @@ import httpx
 import psycopg
 import pytest
 
+from services.core.net import free_port
 from services.datagen.trading import GenerateRequest, currency_codes, generate
 from tests.conftest import PROJECT_DIR
-from tests.service_process import ServiceProcess, free_port
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
 

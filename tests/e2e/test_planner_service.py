@@ -17,7 +17,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.service_process import ServiceProcess, free_port
+from services.core.net import free_port
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from services.core.migrations import migrate
+from services.core.net import free_port
 from services.core.warehouse import create_warehouse_engine
 from services.lineage.delivery import Deliverer, DeliveryLoop, HttpTransport
 from services.lineage.store import LineageStore, RunRecord
@@ -56,16 +56,9 @@ class Collector:
             self.server = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    running = Collector(_free_port())
+    running = Collector(free_port())
     yield running
     running.stop()
 

@@ -19,8 +19,9 @@ from alembic.script import ScriptDirectory
 
 from services.cli.main import migratable_services
 from services.core.migrations import migrations_dir
+from services.core.net import free_port
 from tests.conftest import CliResult
-from tests.service_process import AUTH, TOKEN, free_port
+from tests.service_process import AUTH, TOKEN
 
 pytestmark = pytest.mark.integration
 

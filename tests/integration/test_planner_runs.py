@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from services.core.migrations import migrate
+from services.core.net import free_port
 from services.core.warehouse import create_warehouse_engine
 from services.datagen.trading import GenerateRequest, currency_codes, generate
 from services.planner.domain.errors import RunConflictError
@@ -27,7 +28,7 @@ from services.planner.domain.peers import Peers
 from services.planner.domain.planner import Planner, PlannerConfig, lock_key
 from services.planner.domain.store import RunStore
 from tests.conftest import PROJECT_DIR
-from tests.service_process import ServiceProcess, free_port
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
 

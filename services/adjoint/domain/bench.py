@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,11 +39,13 @@ from psycopg.rows import dict_row
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import capture, load_run_ldm, plan_capture
 from services.core.artifacts import load_manifest, load_run_results
+from services.core.benchmarking import load_average, machine, measured_at, write_result
 from services.core.dbt import first_failure, run_dbt
 from services.core.errors import DbtError, UsageError
 from services.core.ldm import load_project_config
 from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
+from services.core.net import free_port
 from services.core.settings import PROJECT_ROOT, CdmeSettings
 from services.core.warehouse import create_warehouse_engine, libpq_url, resolve_warehouse_url
 from services.datagen.trading import GenerateRequest, currency_codes, generate
@@ -86,19 +86,12 @@ def _timed(calls: Sequence[Callable[[], object]]) -> dict[str, float]:
     return _percentiles(times)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class _Service:
     """The adjoint service under uvicorn in a subprocess, stopped by its pid."""
 
     def __init__(self, url: str, home: Path) -> None:
         self.token = secrets.token_hex(16)
-        self.base_url = f"http://127.0.0.1:{_free_port()}"
+        self.base_url = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": url,
@@ -177,7 +170,7 @@ def run_adjoint_benchmark(
     say = progress or (lambda _line: None)
     server = resolve_warehouse_url(settings)
     name = f"cdme_bench_adjoint_{uuid.uuid4().hex[:8]}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     with psycopg.connect(libpq_url(server, "postgres"), autocommit=True) as admin:
         admin.execute(f'create database "{name}"')
     url = libpq_url(server, name)
@@ -350,16 +343,9 @@ def run_adjoint_benchmark(
         "over_http": over_http,
     }
     result["goals"] = _goals(result)
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_before": load,
-    }
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"] = machine(load)
+    result["measured_at"] = measured_at()
+    write_result(out, result)
     return result
 
 

@@ -12,17 +12,15 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from services.core.artifacts import Manifest, load_manifest, parse_manifest
+from services.core.benchmarking import load_average, machine, measured_at, write_result
 from services.core.settings import PROJECT_ROOT
 from services.validation.domain import analysis
 from services.validation.domain.findings import Report
@@ -155,7 +153,7 @@ def run_validation_benchmark(
         msg = f"repeat must be at least 1, got {repeat}"
         raise ValueError(msg)
     # Figures taken while something else keeps the CPUs busy are slower; the load says whether they were.
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load = load_average()
     workers = workers or os.cpu_count() or 1
     cases = [
         _cold_case(path.name.split("-v12")[0], "real", load_manifest(path), repeat, workers)
@@ -178,15 +176,8 @@ def run_validation_benchmark(
             "errors": sum(c["errors"] for c in cases),
         },
         "goals": _goals(cases),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": load,
-        },
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(load),
+        "measured_at": measured_at(),
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     return result

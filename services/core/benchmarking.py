@@ -1,0 +1,38 @@
+"""What every benchmark records beside its figures: the machine, its load before the run, and where it wrote them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, where the platform has one: figures taken under load are slower."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def machine(load: float | None) -> dict[str, Any]:
+    """CPUs, platform and Python of this machine, with the load average measured before the run."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": load,
+    }
+
+
+def measured_at() -> str:
+    """Now, in UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_result(out: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as indented JSON to `out` (nowhere when None), creating its directory."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
