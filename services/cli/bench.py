@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,6 +14,7 @@ from services.adjoint.domain.bench import RESULTS_PATH as ADJOINT_RESULTS_PATH
 from services.adjoint.domain.bench import run_adjoint_benchmark
 from services.cli import stack
 from services.cli.pipeline import planner_client
+from services.core.benchmarking import machine_line
 from services.core.errors import UsageError
 from services.core.settings import get_settings
 from services.core.warehouse import libpq_url, resolve_warehouse_url
@@ -23,6 +26,24 @@ bench_app = typer.Typer(
     help="Benchmarks: timed runs that print figures and write them to benchmarks/results/.",
     no_args_is_help=True,
 )
+
+
+def _require_format(output: str) -> None:
+    if output not in {"json", "text"}:
+        msg = f"--format must be text or json, got {output!r}"
+        raise UsageError(msg)
+
+
+def _emit(
+    result: dict[str, Any], output: str, lines_of: Callable[[dict[str, Any]], list[str]], written_to: Path
+) -> None:
+    """`--format json`: the result as one JSON object; text: its lines and where the file was written."""
+    if output == "json":
+        typer.echo(json.dumps(result))
+        return
+    for line in lines_of(result):
+        typer.echo(line)
+    typer.echo(f"written to {written_to}")
 
 
 def _seconds(value: float) -> str:
@@ -60,13 +81,8 @@ def format_validation_benchmark(result: dict[str, Any]) -> list[str]:
             f"goal: {goal['goal']}{scaled}; measured {_seconds(goal['measured_seconds'])}, "
             f"{goal['ratio']:.2f}x the goal: {verdict}"
         )
-    machine = result["machine"]
-    load = machine.get("load_average_before")
     lines.append(
-        f"median of {result['repeat']} runs, {result.get('workers', 1)} workers, on {machine['cpus']} CPUs, "
-        f"{machine['platform']}, "
-        f"Python {machine['python']}, {result['measured_at']}"
-        + (f", load average {load} before" if load is not None else "")
+        f"median of {result['repeat']} runs, {result.get('workers', 1)} workers, on {machine_line(result)}"
     )
     return lines
 
@@ -85,16 +101,9 @@ def bench_validate(
 
     Exits 1 when validation reports an error on any of them: they are all valid, so an error is a false one.
     """
-    if output not in {"json", "text"}:
-        msg = f"--format must be text or json, got {output!r}"
-        raise UsageError(msg)
+    _require_format(output)
     result = run_validation_benchmark(repeat, workers=workers or None)
-    if output == "json":
-        typer.echo(json.dumps(result))
-    else:
-        for line in format_validation_benchmark(result):
-            typer.echo(line)
-        typer.echo(f"written to {RESULTS_PATH}")
+    _emit(result, output, format_validation_benchmark, RESULTS_PATH)
     if result["totals"]["errors"]:
         typer.echo(
             f"cdme: error: validation reported {result['totals']['errors']} errors on projects that have none",
@@ -126,15 +135,7 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
     for goal in result["goals"]:
         verdict = "met" if goal["met"] else "missed"
         lines.append(f"goal {goal['goal']} <= {goal['target']}: measured {goal['measured']}: {verdict}")
-    machine = result["machine"]
-    lines.append(
-        f"on {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, {result['measured_at']}"
-        + (
-            f", load average {machine['load_average_before']} before"
-            if machine["load_average_before"]
-            else ""
-        )
-    )
+    lines.append(f"on {machine_line(result)}")
     return lines
 
 
@@ -146,20 +147,13 @@ def bench_adjoint(
     output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
 ) -> None:
     """Time the dbt build, capture per lineage mode, storage, and backward/impact latency (SQL and HTTP)."""
-    if output not in {"json", "text"}:
-        msg = f"--format must be text or json, got {output!r}"
-        raise UsageError(msg)
+    _require_format(output)
     result = run_adjoint_benchmark(
         get_settings(),
         trades,
         progress=None if output == "json" else lambda line: typer.echo(f"... {line}", err=True),
     )
-    if output == "json":
-        typer.echo(json.dumps(result))
-    else:
-        for line in format_adjoint_benchmark(result):
-            typer.echo(line)
-        typer.echo(f"written to {ADJOINT_RESULTS_PATH}")
+    _emit(result, output, format_adjoint_benchmark, ADJOINT_RESULTS_PATH)
 
 
 @bench_app.command("e2e")
@@ -172,9 +166,7 @@ def bench_e2e(
 
     Starts the embedded PostgreSQL and the services if they are not running. Exits 1 unless the run is COMPLETE.
     """
-    if output not in {"json", "text"}:
-        msg = f"--format must be text or json, got {output!r}"
-        raise UsageError(msg)
+    _require_format(output)
     settings = get_settings()
     url = libpq_url(resolve_warehouse_url(settings, start_embedded=True))
     stack.start(settings, url)
@@ -186,12 +178,7 @@ def bench_e2e(
             trades=trades,
             epoch=parse_epoch(epoch),
         )
-    if output == "json":
-        typer.echo(json.dumps(result))
-    else:
-        for line in e2e.format_e2e_benchmark(result):
-            typer.echo(line)
-        typer.echo(f"written to {e2e.RESULTS_PATH}")
+    _emit(result, output, e2e.format_e2e_benchmark, e2e.RESULTS_PATH)
     if result["status"] != "COMPLETE":
         typer.echo(f"cdme: error: run {result['run_id']} {result['status']}: {result['reason']}", err=True)
         raise typer.Exit(1)
@@ -243,17 +230,13 @@ def bench_lineage(
     output: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
 ) -> None:
     """Compare CDME's OpenLineage events with openlineage-integration-common's dbt processor on the same artifacts."""
-    from pathlib import Path
-
     from services.core.errors import CdmeError
     from services.core.settings import get_settings
     from services.core.warehouse import resolve_warehouse_url
     from services.lineage.bench import RESULTS_PATH as LINEAGE_RESULTS
     from services.lineage.bench import latest_build_artifacts, run_lineage_benchmark
 
-    if output not in {"json", "text"}:
-        msg = f"--format must be text or json, got {output!r}"
-        raise UsageError(msg)
+    _require_format(output)
     if importlib.util.find_spec("openlineage.common") is None:
         msg = "the lineage benchmark needs the bench extra: pip install -e '.[bench]'"
         raise UsageError(msg)
@@ -266,9 +249,4 @@ def bench_lineage(
     except CdmeError:
         warehouse = None  # finalize is timed without its database insert
     result = run_lineage_benchmark(directory, repeat, warehouse)
-    if output == "json":
-        typer.echo(json.dumps(result))
-    else:
-        for line in format_lineage_benchmark(result):
-            typer.echo(line)
-        typer.echo(f"written to {LINEAGE_RESULTS}")
+    _emit(result, output, format_lineage_benchmark, LINEAGE_RESULTS)

@@ -36,3 +36,13 @@ def write_result(out: Path | None, result: dict[str, Any]) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """`2 CPUs, <platform>, Python 3.11.7, <time>[, load average L before]`: where a result was measured."""
+    machine_ = result["machine"]
+    load = machine_.get("load_average_before")
+    return (
+        f"{machine_['cpus']} CPUs, {machine_['platform']}, Python {machine_['python']}, {result['measured_at']}"
+        + (f", load average {load} before" if load is not None else "")
+    )

@@ -14,7 +14,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from services.core.benchmarking import load_average, machine, measured_at, write_result
+from services.core.benchmarking import load_average, machine, machine_line, measured_at, write_result
 from services.core.http import ServiceClient
 from services.core.settings import PROJECT_ROOT
 from services.datagen.trading import GenerateRequest, currency_codes, generate
@@ -122,13 +122,5 @@ def format_e2e_benchmark(result: dict[str, Any]) -> list[str]:
     for goal in result["goals"]:
         verdict = ("met" if goal["met"] else "missed") if goal["applies"] else "not applicable at this size"
         lines.append(f"goal: {goal['goal']}; measured {goal['measured_seconds']:.3f} s: {verdict}")
-    machine = result["machine"]
-    lines.append(
-        f"{machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, {result['measured_at']}"
-        + (
-            f", load average {machine['load_average_before']} before"
-            if machine["load_average_before"]
-            else ""
-        )
-    )
+    lines.append(machine_line(result))
     return lines
