@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 
@@ -132,7 +133,7 @@ class LineageState:
     finalizer: Finalizer
     deliverer: Deliverer
     settings: CdmeSettings
-    metrics: ServiceMetrics
+    telemetry: TelemetryMetrics
 
 
 def _dataset_namespace(engine: Engine) -> str:
@@ -177,8 +178,7 @@ async def open_state(
         fetch_partitions=adjoint_fetcher(settings),
         dataset_namespace=_dataset_namespace(engine),
     )
-    state = LineageState(store, finalizer, deliverer, settings, metrics)
-    _telemetry_metrics(metrics)
+    state = LineageState(store, finalizer, deliverer, settings, TelemetryMetrics.create(metrics))
     loop = DeliveryLoop(deliverer)
     loop.start()
     try:
@@ -187,27 +187,30 @@ async def open_state(
         loop.stop()
 
 
-_METRICS: dict[int, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class TelemetryMetrics:
+    """Per-morphism telemetry of the latest finalized run, and finalized runs by status."""
 
+    rows: Gauge
+    latency: Gauge
+    runs: Counter
 
-def _telemetry_metrics(metrics: ServiceMetrics) -> dict[str, Any]:
-    found = _METRICS.get(id(metrics.registry))
-    if found is None:
-        found = {
-            "rows": metrics.gauge(
+    @classmethod
+    def create(cls, metrics: ServiceMetrics) -> TelemetryMetrics:
+        """Register the gauges and the counter in the service's registry (once, when the service opens)."""
+        return cls(
+            rows=metrics.gauge(
                 "morphism_rows",
                 "Rows per morphism of the latest finalized run, by partition (input, output, mapped, filtered, errored).",
                 ["model", "req", "partition"],
             ),
-            "latency": metrics.gauge(
+            latency=metrics.gauge(
                 "morphism_latency_seconds",
                 "dbt's execution time of each morphism in the latest run.",
                 ["model", "req"],
             ),
-            "runs": metrics.counter("runs_finalized", "Runs finalized, by status.", ["status"]),
-        }
-        _METRICS[id(metrics.registry)] = found
-    return found
+            runs=metrics.counter("runs_finalized", "Runs finalized, by status.", ["status"]),
+        )
 
 
 Context = ServiceContext[LineageState]
@@ -284,14 +287,14 @@ def _forgiving(finalizer: Finalizer) -> Finalizer:
 
 
 def _observe(state: LineageState, record: RunRecord) -> None:
-    metrics = _telemetry_metrics(state.metrics)
-    metrics["runs"].labels(record.status).inc()
+    metrics = state.telemetry
+    metrics.runs.labels(record.status).inc()
     for item in record.telemetry:
         req = ",".join(item["req"])
         for partition in ("input", "output", "mapped", "filtered", "errored"):
-            metrics["rows"].labels(item["model"], req, partition).set(item[partition])
+            metrics.rows.labels(item["model"], req, partition).set(item[partition])
         if item["latency_seconds"] is not None:
-            metrics["latency"].labels(item["model"], req).set(item["latency_seconds"])
+            metrics.latency.labels(item["model"], req).set(item["latency_seconds"])
 
 
 @router.get("/runs/{run_id}/ledger", responses=problem_responses(404))
