@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
-import yaml
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
@@ -33,7 +32,7 @@ from services.core.auth import Principal
 from services.core.dbt import parse_project
 from services.core.errors import ArtifactError, NotFoundError, UsageError, WarehouseError, first_line
 from services.core.ldm import ProjectConfig, load_ldm, parse_project_config
-from services.core.ldm.config import Budget
+from services.core.ldm.config import Budget, read_project_config
 from services.core.settings import CdmeSettings
 from services.core.webapp import (
     DatabaseGauge,
@@ -300,9 +299,7 @@ def _compile(body: ValidateRequest, settings: CdmeSettings) -> tuple[dict[str, A
     assert body.project_dir is not None  # the request's validator makes it so
     directory = _allowed_project_dir(body.project_dir, settings)
     config_file = directory / "cdme.yml"
-    config = (
-        yaml.safe_load(config_file.read_text()) if body.config is None and config_file.is_file() else None
-    )
+    config = read_project_config(config_file) if body.config is None and config_file.is_file() else None
     with tempfile.TemporaryDirectory(prefix="validate-") as target:
         parse_project(
             settings,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -548,3 +549,13 @@ def test_a_nul_character_anywhere_is_a_located_422(service: Service, api: httpx.
         "body.sql: contains a NUL character (\\u0000), which CDME cannot store"
     )
     assert _report_count(service) == before
+
+
+def test_a_project_directory_with_a_malformed_cdme_yml_is_a_422_naming_the_line(
+    service: Service, api: httpx.Client
+) -> None:
+    project = service.home / "broken-project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs"), dirs_exist_ok=True)
+    (project / "cdme.yml").write_text("grains: [Atomic\nroles: x\n")
+    problem = _assert_problem(api.post("/validate", json={"project_dir": str(project)}), 422)
+    assert "cdme.yml: malformed YAML at line" in problem["detail"]

@@ -171,8 +171,17 @@ def load_project_config(path: Path) -> ProjectConfig:
     Raises:
         LdmError: The file is missing, is not YAML, or declares something invalid.
     """
+    return parse_project_config(read_project_config(path), str(path))
+
+
+def read_project_config(path: Path) -> Any:
+    """The decoded YAML of `cdme.yml`, not yet validated (callers that keep the document as sent).
+
+    Raises:
+        LdmError: The file is missing or is not YAML.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
         msg = f"{path}: file not found; every CDME project declares its grains and roles in cdme.yml"
         raise LdmError(msg) from e
@@ -181,4 +190,3 @@ def load_project_config(path: Path) -> ProjectConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         msg = f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}"
         raise LdmError(msg) from e
-    return parse_project_config(data, str(path))
