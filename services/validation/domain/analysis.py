@@ -941,8 +941,10 @@ def _remember(key: int, result: _Analysed) -> None:
         _CACHE.popitem(last=False)
 
 
-def _analysis_of(ctx: _Context, node: ManifestNode, relations_fingerprint: int) -> _Analysed:
-    key = _cache_key(ctx, node, relations_fingerprint)
+def _analysis_of(
+    ctx: _Context, node: ManifestNode, relations_fingerprint: int, key: int | None = None
+) -> _Analysed:
+    key = _cache_key(ctx, node, relations_fingerprint) if key is None else key
     cached = _CACHE.get(key)
     if cached is not None:
         _CACHE.move_to_end(key)
@@ -976,24 +978,24 @@ def _levels(manifest: Manifest, order: list[str]) -> list[list[str]]:
     return levels
 
 
-def _prefetch(ctx: _Context, uids: list[str], relations_fingerprint: int, workers: int) -> None:
+def _prefetch(ctx: _Context, uids: list[str], relations_fingerprint: int, workers: int) -> dict[str, int]:
     """Analyse a level's uncached models in `workers` forked processes and cache the results.
+
+    Returns the cache key of each model of the level, so resolving them does not compute it again.
 
     SQL parsing and qualification are CPU-bound Python, so threads would not help; forked children inherit the
     context (every upstream schema is already resolved) and send back only each model's small result.
     """
     # A module global is the one way to hand a forked child its context without pickling it.
     global _FORKED_CONTEXT
-    pending = {}
-    for uid in uids:
-        node = ctx.manifest.nodes[uid]
-        if node.resource_type == "seed":
-            continue
-        key = _cache_key(ctx, node, relations_fingerprint)
-        if key not in _CACHE:
-            pending[uid] = key
+    keys = {
+        uid: _cache_key(ctx, ctx.manifest.nodes[uid], relations_fingerprint)
+        for uid in uids
+        if ctx.manifest.nodes[uid].resource_type != "seed"
+    }
+    pending = {uid: key for uid, key in keys.items() if key not in _CACHE}
     if len(pending) < _PARALLEL_MIN_MODELS:
-        return
+        return keys
     _FORKED_CONTEXT = ctx
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -1003,6 +1005,7 @@ def _prefetch(ctx: _Context, uids: list[str], relations_fingerprint: int, worker
         _FORKED_CONTEXT = None
     for key, result in zip(pending.values(), results, strict=True):
         _remember(key, result)
+    return keys
 
 
 def _yaml_key(node: ManifestNode) -> list[tuple[str, str | None]]:
@@ -1153,7 +1156,7 @@ def _analyze(
     totals = _Stats()
     analysed: dict[str, tuple[_Analysed, RelationSchema]] = {}
 
-    def resolve(uid: str) -> None:
+    def resolve(uid: str, key: int | None) -> None:
         node = manifest.nodes[uid]
         base = _base_schema(node, catalog, project_dir)
         if node.resource_type == "seed":
@@ -1161,7 +1164,7 @@ def _analyze(
             seed.personal = _declared_personal(ldm, uid)
             ctx.schemas[uid] = seed
             return
-        analysis = _analysis_of(ctx, node, relations_fingerprint)
+        analysis = _analysis_of(ctx, node, relations_fingerprint, key)
         if base is not None:
             base.personal = analysis.schema.personal | _declared_personal(ldm, uid)
         ctx.schemas[uid] = base or analysis.schema
@@ -1174,10 +1177,9 @@ def _analyze(
         if manifest.nodes[uid].config.enabled and uid not in hidden_ids
     ]
     for level in _levels(manifest, order) if workers > 1 else [order]:
-        if workers > 1:
-            _prefetch(ctx, level, relations_fingerprint, workers)
+        keys = _prefetch(ctx, level, relations_fingerprint, workers) if workers > 1 else {}
         for uid in level:
-            resolve(uid)
+            resolve(uid, keys.get(uid))
     # In topological order whatever the parallelism, so a report reads the same with one worker or several.
     for uid in order:
         if uid not in analysed:
