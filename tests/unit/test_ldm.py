@@ -333,7 +333,7 @@ def test_reference_project_config_loads() -> None:
     assert config.is_subtype("Notional", "Money") and not config.is_subtype("Money", "Notional")
     assert not config.is_subtype("Date", "Money")
     assert config.base_type("BusinessDate") == "date"
-    assert config.defaults.lineage_mode == "full"
+    assert config.defaults.lineage_mode == "key_derivable"
     assert {"REQ-ACC-01", "REQ-PII-01"} <= set(config.requirements)
 
 

@@ -94,6 +94,10 @@ class Derivation:
         inferred_kind: The kind the SQL's shape suggests (a declared kind wins).
         deduplicates: Whether DISTINCT or UNION on the row path merges rows; for a one-to-one kind, capture
             keeps one source key per output key (the least) and leaves the merged ones unaccounted.
+        mapped_rows_sql: `SELECT source_key, target_key`, one row per rewritten row (not distinct): what
+            capture's digest check sums, so a source key that reaches the output twice shows up as a mismatch.
+        passthrough: Per output key column, the index of the upstream key column it carries unchanged through
+            every query of the row path (a bare column reference at each level), or None.
     """
 
     mapped_sql: str
@@ -102,6 +106,16 @@ class Derivation:
     output_checked: bool
     inferred_kind: InferredKind
     deduplicates: bool = False
+    mapped_rows_sql: str = ""
+    passthrough: tuple[int | None, ...] = ()
+
+    def is_identity(self, source_columns: int) -> bool:
+        """Whether every output key is, column for column, the key of the upstream row it came from."""
+        return self.passthrough == tuple(range(source_columns))
+
+    def projects(self, source_columns: int) -> bool:
+        """Whether every upstream key column is carried unchanged into the output key (source = a projection)."""
+        return set(range(source_columns)) <= {i for i in self.passthrough if i is not None}
 
 
 def _parse(sql: str) -> exp.Expr:
@@ -318,6 +332,39 @@ def _infer_kind(path: _Path) -> InferredKind:
     return "enrich" if joins else "iso"
 
 
+def _carried_from(path: _Path, projection: exp.Expr, source_key: Sequence[str]) -> int | None:
+    """The upstream key column a root projection carries unchanged down the row path, if it does."""
+    lowered = [c.lower() for c in source_key]
+    expression = projection.this if isinstance(projection, exp.Alias) else projection
+    level = len(path.selects) - 1
+    while True:
+        if not isinstance(expression, exp.Column) or isinstance(expression.this, exp.Star):
+            return None
+        select = path.selects[level]
+        qualifier = expression.table.lower()
+        # An unqualified column names the one source only when the query reads a single one.
+        alone = not select.args.get("joins")
+        reads = path.driving_alias if level == 0 else path.refs[level - 1]
+        if qualifier != reads.lower() and (qualifier or not alone):
+            return None
+        name = expression.name.lower()
+        if level == 0:
+            return lowered.index(name) if name in lowered else None
+        below = [p for p in path.selects[level - 1].expressions if p.alias_or_name.lower() == name]
+        if len(below) != 1:
+            return None
+        expression = below[0].this if isinstance(below[0], exp.Alias) else below[0]
+        level -= 1
+
+
+def _passthrough(path: _Path, source_key: Sequence[str], target_key: Sequence[str]) -> tuple[int | None, ...]:
+    by_name = {p.alias_or_name.lower(): p for p in path.selects[-1].expressions}
+    return tuple(
+        _carried_from(path, by_name[c.lower()], source_key) if c.lower() in by_name else None
+        for c in target_key
+    )
+
+
 @dataclass
 class _Rewrite:
     root: exp.Select
@@ -326,6 +373,7 @@ class _Rewrite:
     output_checked: bool
     kind: InferredKind
     deduplicates: bool
+    passthrough: tuple[int | None, ...] = ()
 
 
 def _rewrite(
@@ -335,6 +383,7 @@ def _rewrite(
     path = _row_path(tree, upstream)
     kind = _infer_kind(path)
     root = path.selects[-1]
+    passthrough = _passthrough(path, source_key, target_key)
     deduplicates = path.union_distinct or any(s.args.get("distinct") is not None for s in path.selects)
     filters: list[FilterCondition] = []
     for i, select in enumerate(path.selects):
@@ -392,7 +441,7 @@ def _rewrite(
         filters.append(FilterCondition(len(filters), having.sql(dialect=DIALECT), _line(having), "having"))
     for arg in ("group", "having", "order", "limit", "offset", "distinct", "qualify"):
         root.set(arg, None)
-    return _Rewrite(root, filters, having, output_checked, kind, deduplicates)
+    return _Rewrite(root, filters, having, output_checked, kind, deduplicates, passthrough)
 
 
 def derive(
@@ -438,6 +487,9 @@ def derive(
         .from_(subquery)
         .distinct()
     )
+    rows = exp.select(exp.alias_(source.copy(), "source_key"), exp.alias_(target.copy(), "target_key")).from_(
+        subquery.copy()
+    )
     in_output: exp.Expr | None = None
     if mapped.output_checked:
         if output is None:
@@ -448,6 +500,7 @@ def derive(
         )
         in_output = exp.In(this=target.copy(), query=exp.Subquery(this=built))
         select = select.where(in_output.copy())
+        rows = rows.where(in_output.copy())
     cases = [
         (exp.Not(this=exp.column(f"{_FLAG}{f.index}", table=q)), exp.Literal.number(f.index))
         for f in prefilter.filters
@@ -468,4 +521,6 @@ def derive(
         output_checked=mapped.output_checked,
         inferred_kind=mapped.kind,
         deduplicates=mapped.deduplicates,
+        mapped_rows_sql=rows.sql(dialect=DIALECT),
+        passthrough=mapped.passthrough,
     )
