@@ -10,7 +10,12 @@ project the upstream key and the output key, drop the fold"):
 - a GROUP BY on the way keeps its rows: its aggregates become window aggregates over the same groups, so
   later predicates see the same values; the root's GROUP BY is dropped and the output key's expressions
   projected instead;
-- other UNION branches are pruned (they carry other driving upstreams);
+- other UNION branches are pruned (they carry other driving upstreams), except the other branch of a two-branch
+  UNION below the root that reads the driving upstream in its FROM too (partitions of one upstream, `... where
+  side = 'BUY' union ... where side = 'SELL'`): both carry the key, so the rows of either are mapped;
+- a UNION (not ALL) below the root merges rows equal in the model's columns: the rewrite redoes that merge
+  (`DISTINCT ON` those columns over the branches with their keys, the least key staying), so the keys it merged
+  are mapped nowhere and stay unaccounted, as the rows they lost;
 - where the root's HAVING, LIMIT/OFFSET or DISTINCT decide which output rows exist, the pairs are semi-joined
   with the model's built relation, so a group or row that did not make it is never "mapped".
 
@@ -93,7 +98,8 @@ class Derivation:
         output_checked: Whether pairs are semi-joined with the built relation (root HAVING/LIMIT/DISTINCT).
         inferred_kind: The kind the SQL's shape suggests (a declared kind wins).
         deduplicates: Whether DISTINCT or UNION on the row path merges rows; for a one-to-one kind, capture
-            keeps one source key per output key (the least) and leaves the merged ones unaccounted.
+            keeps one source key per output key (the least) and leaves the merged ones unaccounted (a UNION below
+            the root is already merged in `mapped_sql`).
         mapped_rows_sql: `SELECT source_key, target_key`, one row per rewritten row (not distinct): what
             capture's digest check sums, so a source key that reaches the output twice shows up as a mismatch.
         passthrough: Per output key column, the index of the upstream key column it carries unchanged through
