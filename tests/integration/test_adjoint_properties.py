@@ -291,6 +291,45 @@ def test_aggregate_with_where_and_having_maps_members_of_surviving_groups(
 
 
 @EXAMPLES
+@given(rows=st.lists(st.tuples(st.integers(0, 4), values), min_size=1, max_size=20))
+def test_having_inside_a_cte_filters_the_members_of_the_groups_it_drops(
+    db: Db, rows: list[tuple[int, int]]
+) -> None:
+    src = _entity("src", ["id"], source=True)
+    data = [(i, g, v) for i, (g, v) in enumerate(rows, start=1)]
+    model = Model(
+        "agg_cte",
+        "with folded as (select g, sum(v) as total from p.src where v >= 0 group by g having count(*) > 1) "
+        "select g, total * 2 as doubled from folded where total < 1000",
+        ["g"],
+        "aggregate",
+        [src],
+    )
+    run_id = _run(db, {"src": ("id int, g int, v int", data)}, [model])
+    members: dict[int, list[int]] = {}
+    for _, g, v in data:
+        if v >= 0:
+            members.setdefault(g, []).append(v)
+    # The HAVING inside the CTE drops groups first (condition 1); the outer WHERE then drops big totals (2).
+    small = {g for g, vs in members.items() if len(vs) > 1}
+    kept = {g for g in small if sum(members[g]) < 1000}
+
+    def condition(g: int, v: int) -> int:
+        return 0 if v < 0 else 1 if g not in small else 2
+
+    assert _pairs(db, run_id, "agg_cte") == {(_k(i), _k(g)) for i, g, v in data if v >= 0 and g in kept}
+    assert _filtered(db, run_id, "agg_cte") == {
+        _k(i): condition(g, v) for i, g, v in data if v < 0 or g not in kept
+    }
+    assert _morphism(db, run_id, "agg_cte")["unaccounted"]["count"] == 0
+    assert [f["condition"] for f in _morphism(db, run_id, "agg_cte")["filters"]] == [
+        "v >= 0",
+        "COUNT(*) > 1",
+        "total < 1000",
+    ]
+
+
+@EXAMPLES
 @given(
     rows=st.dictionaries(st.integers(1, 40), st.sets(st.integers(0, 5), max_size=4), min_size=1, max_size=10)
 )

@@ -8,8 +8,9 @@ project the upstream key and the output key, drop the fold"):
   root through CTEs, derived tables and UNION [ALL] branches; a reference inside a WHERE subquery is not one);
 - its key columns are projected there as `__cdme_s<i>` and carried up through every query on the way;
 - a GROUP BY on the way keeps its rows: its aggregates become window aggregates over the same groups, so
-  later predicates see the same values; the root's GROUP BY is dropped and the output key's expressions
-  projected instead;
+  later predicates see the same values; its HAVING becomes a windowed column that the next query filters on
+  (an explicit predicate, so the members of the groups it drops are filtered); the root's GROUP BY is
+  dropped and the output key's expressions projected instead;
 - other UNION branches are pruned (they carry other driving upstreams), except the other branch of a two-branch
   UNION below the root that reads the driving upstream in its FROM too (partitions of one upstream, `... where
   side = 'BUY' union ... where side = 'SELL'`): both carry the key, so the rows of either are mapped;
@@ -51,6 +52,7 @@ DIALECT = "postgres"
 _SRC = "__cdme_s"
 _TGT = "__cdme_t"
 _FLAG = "__cdme_f"
+_HAVING = "__cdme_h"
 
 InferredKind = Literal["iso", "filter", "enrich", "aggregate", "explode", "union"]
 
@@ -340,17 +342,41 @@ def _aggregates_in(expression: exp.Expr) -> list[exp.AggFunc]:
     return found
 
 
-def _keep_rows(select: exp.Select) -> None:
-    """Turn an intermediate GROUP BY into window aggregates, so the query keeps one row per input row."""
+def _keep_rows(select: exp.Select, passing: exp.Expr | None = None) -> exp.Expr | None:
+    """Turn an intermediate GROUP BY into window aggregates, so the query keeps one row per input row.
+
+    `passing`, when predicates below became flag columns instead of dropping rows, says whether a row passes
+    them all: the windows then fold the passing rows apart, so their aggregates are the ones the model saw.
+
+    Returns:
+        The query's HAVING condition over the same windows (a per-row predicate that its consumer applies), or
+        None without one. The HAVING itself is removed: a window cannot be filtered in the query computing it.
+    """
     groups = _group_expressions(select)
-    if select.args.get("having") is not None:
-        msg = "a HAVING clause inside a CTE or derived table on the row path is not supported yet"
-        raise DerivationError(msg)
-    for projection in select.expressions:
-        for agg in _aggregates_in(projection):
+    if passing is not None:
+        groups.append(passing)
+
+    def windowed(expression: exp.Expr) -> None:
+        for agg in _aggregates_in(expression):
             agg.replace(exp.Window(this=agg.copy(), partition_by=[g.copy() for g in groups]))
-    select.set("group", None)
-    select.set("order", None)
+
+    having_node = select.args.get("having")
+    having: exp.Expr | None = None
+    if having_node is not None:
+        having = exp.paren(having_node.this.copy())
+        windowed(having)
+    for projection in select.expressions:
+        windowed(projection)
+    for arg in ("group", "having", "order"):
+        select.set(arg, None)
+    return having
+
+
+def _having_filter(select: exp.Select, index: int) -> FilterCondition | None:
+    having = select.args.get("having")
+    if having is None:
+        return None
+    return FilterCondition(index, having.this.sql(dialect=DIALECT), _line(having.this), "having")
 
 
 def _target_expressions(root: exp.Select, target_key: Sequence[str]) -> list[exp.Expr]:
@@ -485,6 +511,8 @@ def _rewrite(
         passthrough = tuple(None for _ in target_key)
     deduplicates = path.union_distinct or any(s.args.get("distinct") is not None for s in path.selects)
     filters: list[FilterCondition] = []
+    # Indexes of HAVING conditions computed as columns one level down, for the next level to apply.
+    held: list[int] = []
     for i, select in enumerate(path.selects):
         is_root = select is root
         if i == 0:
@@ -507,6 +535,9 @@ def _rewrite(
                     + [own.get(f.index, exp.alias_(exp.true(), f"{_FLAG}{f.index}")) for f in new_flags]
                 )
             for (source, _alias), columns in list(zip(sources, level, strict=True))[1:]:
+                if source.args.get("having") is not None:
+                    msg = "a HAVING clause in one branch of a UNION on the row path is not supported"
+                    raise DerivationError(msg)
                 if source.args.get("group") is not None:
                     _keep_rows(source)
                 source.set(
@@ -524,6 +555,13 @@ def _rewrite(
             ]
             new_flags, columns = _where_flags(select, len(filters), flags=flags)
             carried += columns
+            if not flags:
+                # The rows a HAVING below dropped are dropped here, where its windowed value is a column.
+                for index in held:
+                    select.where(
+                        exp.column(f"{_HAVING}{index}", table=path.refs[i - 1]), append=True, copy=False
+                    )
+            held = []
         filters.extend(new_flags)
         if not flags:
             # Without flag columns nothing is carried for the filters; only keys travel.
@@ -534,8 +572,22 @@ def _rewrite(
             ]
             select.set("expressions", targets + carried)
         else:
-            if select.args.get("group") is not None:
-                _keep_rows(select)
+            dropped = _having_filter(select, len(filters))
+            flagged = [c.this.copy() for c in carried if c.alias.startswith(_FLAG)]
+            passing = exp.paren(exp.and_(*flagged)) if flagged else None
+            if (
+                select.args.get("group") is not None
+                and (condition := _keep_rows(select, passing)) is not None
+            ):
+                assert dropped is not None
+                filters.append(dropped)
+                if flags:
+                    carried.append(
+                        exp.alias_(exp.func("coalesce", condition, exp.false()), f"{_FLAG}{dropped.index}")
+                    )
+                else:
+                    carried.append(exp.alias_(condition, f"{_HAVING}{dropped.index}"))
+                    held.append(dropped.index)
             select.set("expressions", [*select.expressions, *carried])
     if path.merge is not None and not flags:
         _merge_as_union_does(*path.merge, len(source_key))
@@ -608,14 +660,15 @@ def derive(
         in_output = exp.In(this=target.copy(), query=exp.Subquery(this=built))
         select = select.where(in_output.copy())
         rows = rows.where(in_output.copy())
+    # The root's HAVING is the last filter; it decides which output rows exist, so the built relation tells.
+    root_having = prefilter.filters[-1] if prefilter.having is not None else None
     cases = [
         (exp.Not(this=exp.column(f"{_FLAG}{f.index}", table=q)), exp.Literal.number(f.index))
         for f in prefilter.filters
-        if f.clause == "where"
+        if f is not root_having
     ]
-    having = [f for f in prefilter.filters if f.clause == "having"]
-    if having and in_output is not None:
-        cases.append((exp.Not(this=in_output.copy()), exp.Literal.number(having[0].index)))
+    if root_having is not None and in_output is not None:
+        cases.append((exp.Not(this=in_output.copy()), exp.Literal.number(root_having.index)))
     case = exp.Case(ifs=[exp.If(this=c, true=v) for c, v in cases]) if cases else exp.Null()
     pre_subquery = exp.Subquery(this=prefilter.root, alias=exp.TableAlias(this=exp.to_identifier(q)))
     pre_select = exp.select(exp.alias_(source.copy(), "source_key"), exp.alias_(case, "condition")).from_(
