@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import CapturePlan, Morphism, capture, relation_of
 from services.adjoint.domain.derive import derive
+from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import encode_key
 from services.core.ldm import Entity, RecordKey
 from services.core.migrations import migrate
@@ -80,15 +81,19 @@ class Model:
     sink: Entity | None = None
 
 
-def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: Sequence[Model]) -> str:
-    """Create `tables` (DDL, rows) and build `models` in order in schema p; capture them as one run."""
-    db.execute("drop schema if exists p cascade; create schema p")
+def _load(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]]) -> None:
     for name, (ddl, rows) in tables.items():
         db.execute(f"create table p.{name} ({ddl})")
         if rows:
             width = len(rows[0])
             with psycopg.connect(db.url, autocommit=True) as conn, conn.cursor() as cur:
                 cur.executemany(f"insert into p.{name} values ({', '.join(['%s'] * width)})", rows)
+
+
+def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: Sequence[Model]) -> str:
+    """Create `tables` (DDL, rows) and build `models` in order in schema p; capture them as one run."""
+    db.execute("drop schema if exists p cascade; create schema p")
+    _load(db, tables)
     morphisms: list[Morphism] = []
     for model in models:
         db.execute(f"create table p.{model.name} as {model.sql}")
@@ -258,6 +263,52 @@ def test_enrich_routes_failures_to_the_sink_and_a_silent_drop_stays_unaccounted(
         assert (m["errored"], m["unaccounted"]["count"]) == (lost, 0)
     status = {r["model"]: r["status"] for r in queries.reconcile(db.engine, run_id)["morphisms"]}
     assert status["enr"] == ("violation" if inner and lost else "superset")
+
+
+@EXAMPLES
+@given(
+    trades=st.dictionaries(st.integers(1, 60), st.sampled_from(["EUR", "USD", "SEK", "NOK"]), min_size=1),
+    factors=st.dictionaries(st.sampled_from(["EUR", "USD", "SEK"]), st.sets(st.integers(1, 3), min_size=1)),
+    declared=st.booleans(),
+)
+def test_an_inner_join_declared_as_a_filter_filters_the_unmatched_and_an_undeclared_one_loses_them(
+    db: Db, trades: dict[int, str], factors: dict[str, set[int]], declared: bool
+) -> None:
+    src = _entity("src", ["id"], source=True)
+    rf = [(f"{ccy}-{n}", ccy) for ccy, ns in factors.items() for n in ns]
+    sql = "select t.id, f.factor_id from p.src as t inner join p.rf as f on f.ccy = t.ccy where t.id % 7 <> 0"
+    entity_key = ["id", "factor_id"]
+    tables: dict[str, tuple[str, list[tuple[Any, ...]]]] = {
+        "src": ("id int, ccy text", sorted(trades.items())),
+        "rf": ("factor_id text, ccy text", list(rf)),
+    }
+    db.execute("drop schema if exists p cascade; create schema p")
+    _load(db, tables)
+    db.execute(f"create table p.sens as {sql}")
+    derivation = derive(
+        sql,
+        "sens",
+        relation_of(src),
+        ["id"],
+        entity_key,
+        relation_of(_entity("sens", entity_key)),
+        filter_joins=["f"] if declared else (),
+    )
+    plan = CapturePlan([Morphism(1, _entity("sens", entity_key), src, "explode", derivation, None)], [])
+    run_id = str(uuid.uuid4())
+    capture(db.engine, run_id, date(2026, 11, 20), "full", plan)
+    # SQL joins before it filters: an unmatched row never meets the WHERE.
+    unmatched = {i for i, ccy in trades.items() if ccy not in factors}
+    assert _filtered(db, run_id, "sens") == {
+        **{_k(i): 0 for i in unmatched if declared},
+        **{_k(i): 1 if declared else 0 for i in trades if i % 7 == 0 and i not in unmatched},
+    }
+    morphism = _morphism(db, run_id, "sens")
+    assert morphism["unaccounted"]["count"] == (0 if declared else len(unmatched))
+    if declared:
+        assert morphism["filters"][0]["condition"] == "join f on f.ccy = t.ccy"
+    with pytest.raises(DerivationError, match="'g' names no join"):
+        derive(sql, "sens", relation_of(src), ["id"], entity_key, filter_joins=["g"])
 
 
 @EXAMPLES

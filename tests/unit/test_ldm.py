@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from services.core.artifacts import Manifest, load_manifest, parse_manifest
 from services.core.errors import LdmError
@@ -16,6 +17,7 @@ from services.core.ldm import (
     load_project_config,
     parse_project_config,
 )
+from services.core.ldm.model import EntityDecl, FilterDecl
 from tests.conftest import PROJECT_DIR, RESEARCH_DATA
 
 CONFIG = parse_project_config(
@@ -511,3 +513,12 @@ def test_versioned_models_and_package_nodes_get_distinct_names() -> None:
         }
     )
     assert sorted(load_ldm(manifest, CONFIG).entities) == ["dim.v1", "dim.v2", "other_pkg.dim"]
+
+
+def test_a_filter_declares_a_condition_a_join_or_both() -> None:
+    assert FilterDecl.model_validate({"join": "rf"}).join == "rf"
+    assert EntityDecl.model_validate({"filter": "v > 0"}).filter == FilterDecl(condition="v > 0")
+    with pytest.raises(
+        ValidationError, match="a filter declares its condition, a join it filters by, or both"
+    ):
+        FilterDecl.model_validate({"reason": "no idea"})

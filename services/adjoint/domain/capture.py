@@ -204,6 +204,7 @@ def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> Captu
                     upstream.key.columns,
                     entity.key.columns,
                     relation_of(entity),
+                    filter_joins=[entity.filter.join] if entity.filter and entity.filter.join else (),
                 )
             except DerivationError as e:
                 not_captured.append(NotCaptured(entity.unique_id, str(e)))

@@ -85,7 +85,7 @@ class FilterCondition:
     index: int
     condition: str
     line: int | None
-    clause: Literal["where", "having"]
+    clause: Literal["where", "having", "join"]
 
 
 @dataclass(frozen=True)
@@ -467,6 +467,49 @@ def _where_flags(
     return conditions, columns
 
 
+def _join_flags(
+    select: exp.Select, first: int, names: set[str], *, flags: bool
+) -> tuple[list[FilterCondition], list[exp.Expr]]:
+    """The inner joins of `select` declared as filters (by alias or relation), numbered from `first`.
+
+    With `flags` each becomes a LEFT JOIN and its ON condition a flag column: an unmatched row survives with
+    the flag false, so its key is filtered by the join instead of vanishing.
+
+    Raises:
+        DerivationError: A declared join is not an inner join with an ON condition.
+    """
+    conditions: list[FilterCondition] = []
+    columns: list[exp.Expr] = []
+    for join in select.args.get("joins") or []:
+        table = join.this
+        labels = {table.alias_or_name.lower()} | (
+            {table.name.lower()} if isinstance(table, exp.Table) else set()
+        )
+        if not labels & names:
+            continue
+        on = join.args.get("on")
+        if join.side or (join.kind or "INNER").upper() != "INNER" or on is None:
+            msg = f"the join {table.alias_or_name} declared as a filter is not an inner join with an ON condition"
+            raise DerivationError(msg)
+        index = first + len(conditions)
+        text = f"join {table.alias_or_name} on {on.sql(dialect=DIALECT)}"
+        conditions.append(FilterCondition(index, text, _line(on), "join"))
+        columns.append(exp.alias_(exp.func("coalesce", exp.paren(on.copy()), exp.false()), f"{_FLAG}{index}"))
+        if flags:
+            join.set("side", "LEFT")
+            join.set("kind", None)
+    return conditions, columns
+
+
+def _row_flags(
+    select: exp.Select, first: int, joins: set[str], *, flags: bool
+) -> tuple[list[FilterCondition], list[exp.Expr]]:
+    """The explicit predicates of one query, in the order SQL applies them: declared joins, then WHERE."""
+    by_join, join_columns = _join_flags(select, first, joins, flags=flags)
+    by_where, where_columns = _where_flags(select, first + len(by_join), flags=flags)
+    return by_join + by_where, join_columns + where_columns
+
+
 def _merge_as_union_does(node: exp.Query, names: list[exp.Identifier], source_columns: int) -> None:
     """Make a UNION (not ALL) on the row path keep one row per distinct output row, as the model's did.
 
@@ -499,10 +542,27 @@ class _Rewrite:
 
 
 def _rewrite(
-    sql: str, upstream: Relation, source_key: Sequence[str], target_key: Sequence[str], *, flags: bool
+    sql: str,
+    upstream: Relation,
+    source_key: Sequence[str],
+    target_key: Sequence[str],
+    *,
+    flags: bool,
+    filter_joins: Sequence[str] = (),
 ) -> _Rewrite:
     tree = _parse(sql)
     path = _row_path(tree, upstream)
+    joins = {j.lower() for j in filter_joins}
+    readers = [path.selects[0], *(source for source, _alias in path.branches), *path.selects[1:]]
+    labels = {
+        label
+        for select in readers
+        for join in select.args.get("joins") or []
+        for label in (join.this.alias_or_name.lower(), join.this.name.lower())
+    }
+    if missing := sorted(joins - labels):
+        msg = f"filter.join {missing[0]!r} names no join on the row path"
+        raise DerivationError(msg)
     kind = _infer_kind(path)
     root = path.selects[-1]
     passthrough = _passthrough(path, source_key, target_key)
@@ -522,7 +582,7 @@ def _rewrite(
             read: list[tuple[list[FilterCondition], list[exp.Expr]]] = []
             for source, _alias in sources:
                 first = len(filters) + sum(len(conditions) for conditions, _ in read)
-                read.append(_where_flags(source, first, flags=flags))
+                read.append(_row_flags(source, first, joins, flags=flags))
             new_flags = [f for conditions, _ in read for f in conditions]
             level: list[list[exp.Expr]] = []
             for (_source, alias), (conditions, columns) in zip(sources, read, strict=True):
@@ -553,7 +613,7 @@ def _rewrite(
                 exp.alias_(exp.column(f"{_FLAG}{f.index}", table=path.refs[i - 1]), f"{_FLAG}{f.index}")
                 for f in filters
             ]
-            new_flags, columns = _where_flags(select, len(filters), flags=flags)
+            new_flags, columns = _row_flags(select, len(filters), joins, flags=flags)
             carried += columns
             if not flags:
                 # The rows a HAVING below dropped are dropped here, where its windowed value is a column.
@@ -610,6 +670,7 @@ def derive(
     source_key: Sequence[str],
     target_key: Sequence[str],
     output: Relation | None = None,
+    filter_joins: Sequence[str] = (),
 ) -> Derivation:
     """Derive the capture SQL of one morphism from the model's compiled SQL.
 
@@ -620,6 +681,7 @@ def derive(
         source_key: The driving upstream's key columns.
         target_key: The model's key columns (names in its select list).
         output: The model's built relation; needed when the root's HAVING/LIMIT/DISTINCT decide which rows exist.
+        filter_joins: Inner joins the model declares as filters (`meta.cdme.filter.join`), by alias or relation.
 
     Returns:
         The derivation.
@@ -632,8 +694,12 @@ def derive(
         msg = f"{model}: both the upstream and the model need a record key"
         raise DerivationError(msg)
     try:
-        mapped = _rewrite(compiled_sql, upstream, source_key, target_key, flags=False)
-        prefilter = _rewrite(compiled_sql, upstream, source_key, target_key, flags=True)
+        mapped = _rewrite(
+            compiled_sql, upstream, source_key, target_key, flags=False, filter_joins=filter_joins
+        )
+        prefilter = _rewrite(
+            compiled_sql, upstream, source_key, target_key, flags=True, filter_joins=filter_joins
+        )
     except DerivationError as e:
         msg = f"{model}: {e}"
         raise DerivationError(msg) from e

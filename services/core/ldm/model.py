@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.core.artifacts.base import as_list
 from services.core.ldm.config import LineageMode
@@ -40,10 +40,23 @@ class LookupDecl(_Declaration):
 
 
 class FilterDecl(_Declaration):
-    """An explicit filter: the condition that makes a key 'filtered' rather than lost."""
+    """An explicit filter: the condition that makes a key 'filtered' rather than lost.
 
-    condition: str
+    `join` names an inner join on the model's row path (its alias, or the relation it reads) whose unmatched
+    rows the model means to drop: capture counts them filtered by the join's ON condition instead of leaving
+    them unaccounted, as it does for any other inner join that loses rows.
+    """
+
+    condition: str | None = None
+    join: str | None = Field(default=None, min_length=1, max_length=200)
     reason: str = ""
+
+    @model_validator(mode="after")
+    def _says_what_filters(self) -> FilterDecl:
+        if self.condition is None and self.join is None:
+            msg = "a filter declares its condition, a join it filters by, or both"
+            raise ValueError(msg)
+        return self
 
 
 class MonoidDecl(_Declaration):
