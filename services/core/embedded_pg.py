@@ -38,6 +38,9 @@ from services.core.secrets import read_or_create_secret, write_private_file
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user instead.
 _SYSTEM_USER = "embedded_postgres"
+# Passed at every start, so a data directory initialised by an older CDME gets them too. The default 4 MB
+# work_mem makes dbt's GROUP BYs and uniqueness tests on a million-row epoch sort on disk.
+_SERVER_OPTIONS = "-c work_mem=64MB"
 _START_TIMEOUT_S = 60
 _STOP_TIMEOUT_S = 30
 
@@ -331,7 +334,7 @@ class EmbeddedPostgres:
                 "-t",
                 str(_START_TIMEOUT_S),
                 "-o",
-                f"-p {port}",
+                f"-p {port} {_SERVER_OPTIONS}",
                 "start",
             ],
             timeout=_START_TIMEOUT_S + 10,

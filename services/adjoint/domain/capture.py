@@ -97,6 +97,8 @@ class Morphism:
     derivation: Derivation
     sink: Entity | None
     stats: dict[str, Any] = field(default_factory=dict)
+    # Where digest accounting reads the pairs from (the built relation for identities and projections).
+    pairs_sql: str = ""
 
     @property
     def mapped_sql(self) -> str:
@@ -503,18 +505,22 @@ class _Capture:
         output = self.envelope(m.output_sql())
         identity = single_driver and d.is_identity(source_columns)
         if identity:
-            mapped, pairs, targets = (
-                Tally(output["count"], int(output["digest"])),
-                output["count"],
-                output["count"],
-            )
-        elif single_driver and d.projects(source_columns):
-            carried = [m.model.key.columns[d.passthrough.index(i)] for i in range(source_columns)]
-            mapped = self.tally(
-                f"select {key_sql_text(carried)} as k from {relation_of(m.model).sql()} group by 1"
-            )
+            mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
+            m.pairs_sql = f"select k as source_key, k as target_key from ({m.output_sql()}) o"
+        elif single_driver and d.projects(source_columns):
+            carried = key_sql_text(
+                [m.model.key.columns[d.passthrough.index(i)] for i in range(source_columns)]
+            )
+            mapped = self.tally(f"select {carried} as k from {relation_of(m.model).sql()} group by 1")
+            pairs, targets = output["count"], output["count"]
+            m.pairs_sql = (
+                f"select {carried} as source_key, {key_sql_text(m.model.key.columns)} as target_key "
+                f"from {relation_of(m.model).sql()}"
+            )
         else:
+            # When the digests balance, each source key reaches the output once: the rows are distinct pairs.
+            m.pairs_sql = d.mapped_rows_sql
             row = self.row(
                 "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*) from (select target_key, "
                 f"count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({d.mapped_rows_sql}) r "
@@ -567,6 +573,17 @@ class _Capture:
         if self.mode == "key_derivable":
             m.stats["envelopes"] = {"input": inputs, "output": output}
         return True
+
+    def store_pairs(self, m: Morphism) -> None:
+        """Write the pairs of a digest-accounted morphism: all of them, or summary mode's sample."""
+        statement = sql.SQL("insert into {} select {}, {}, source_key, target_key from ({}) p").format(
+            _part("mapped", self.run_id), self.run, sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
+        )
+        if self.mode == "summary":
+            statement = sql.SQL("{} where abs(hashtextextended(source_key, 0)) % {} < {}").format(
+                statement, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE))
+            )
+        _execute(self.cur, statement)
 
     def insert_errored(self, m: Morphism) -> None:
         assert m.sink is not None
@@ -851,17 +868,17 @@ def capture(
         with raw.cursor() as cur:
             job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
             job.prepare()
-            # Key-derivable runs store no pairs, so when digests prove the run balanced nothing else is needed.
-            derived = None
-            if lineage_mode == "key_derivable":
-                derived = job.accounted(plan.morphisms)
-                if derived is None:
-                    job.discard()
+            # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
+            derived = job.accounted(plan.morphisms)
             if derived is None:
+                job.discard()
                 for m in plan.morphisms:
                     begun = time.perf_counter()
                     job.morphism(m)
                     _log_morphism(run_id, m, time.perf_counter() - begun)
+            elif lineage_mode != "key_derivable":
+                for m in plan.morphisms:
+                    job.store_pairs(m)
             job.finish()
             sources = (
                 derived
