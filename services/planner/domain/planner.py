@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -539,7 +539,7 @@ class Planner:
     def _lint(runtime: DbtRuntime, compiled: DbtOutcome, run_dir: Path) -> dict[str, Any]:
         """Lint the compiled SQL (advisory): findings go to the step's output and to `lint.jsonl`, never fail."""
         report = runtime.lint(compiled)
-        lines = [json.dumps(f.__dict__, sort_keys=True) for f in report.findings]
+        lines = [json.dumps(asdict(f), sort_keys=True) for f in report.findings]
         (run_dir / LINT_LOG).write_text("".join(f"{line}\n" for line in lines))
         if not report.available:
             logger.info("sql lint unavailable: %s", report.reason)

@@ -7,7 +7,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -101,7 +101,7 @@ class LintReport:
             "files": self.files,
             "seconds": round(self.seconds, 3),
             "total": len(self.findings),
-            "findings": [f.__dict__ for f in self.findings[:kept]],
+            "findings": [asdict(f) for f in self.findings[:kept]],
             "reason": self.reason,
         }
 
@@ -201,7 +201,9 @@ class DbtRuntime(ABC):
         findings: list[LintFinding] = []
         try:
             project = FluffConfig.from_path(str(self.context.project_dir), overrides=overrides)
-            excluded = {r.strip() for r in str(project.get("exclude_rules") or "").split(",") if r.strip()}
+            configured = project.get("exclude_rules") or ""
+            names = configured if isinstance(configured, list | tuple) else str(configured).split(",")
+            excluded = {str(r).strip() for r in names if str(r).strip()}
             config = FluffConfig.from_path(
                 str(self.context.project_dir),
                 overrides={
