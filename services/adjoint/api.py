@@ -169,9 +169,12 @@ async def capture_run(
 
 
 @router.get("/runs/{run_id}/partitions")
-async def run_partitions(run_id: RunId, _principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
-    """The run's accounting: per morphism and per graph source (the lineage service's ledger input)."""
-    return await run_in_threadpool(queries.partitions, context.engine, run_id)
+async def run_partitions(run_id: RunId, principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
+    """The run's accounting: per morphism and per graph source (the lineage service's ledger input).
+
+    Morphisms through a model or upstream the caller has no role for, and such sources, are left out.
+    """
+    return await run_in_threadpool(queries.partitions, context.engine, run_id, principal.roles)
 
 
 @router.get("/backward/{model}/{key:path}")
@@ -242,6 +245,9 @@ async def impact(body: ImpactRequest, principal: PrincipalDep, context: ContextD
 
 
 @router.post("/runs/{run_id}/reconcile")
-async def reconcile(run_id: RunId, _principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
-    """Per morphism: exact (iso verified), superset (lossy but complete) or violation, with sample keys."""
-    return await run_in_threadpool(queries.reconcile, context.engine, run_id)
+async def reconcile(run_id: RunId, principal: PrincipalDep, context: ContextDep) -> dict[str, Any]:
+    """Per morphism: exact (iso verified), superset (lossy but complete) or violation, with sample keys.
+
+    Only the morphisms the caller may see (as in the partitions) are reconciled.
+    """
+    return await run_in_threadpool(queries.reconcile, context.engine, run_id, principal.roles)

@@ -160,6 +160,26 @@ def test_backward_pages_with_a_cursor_and_access_control_hides_models(
         _problem(
             analyst.get(f"/backward/fct_monthly_positions/{key}", params={"to": "raw_trading.trades"}), 404
         )
+        # Partitions and reconciliation hide the same morphisms and sources: the analyst's view of the run.
+        everything = api.get(f"/runs/{run_id}/partitions").json()
+        seen_by_analyst = analyst.get(f"/runs/{run_id}/partitions").json()
+        assert {m["model"] for m in seen_by_analyst["morphisms"]} == {
+            "stg_risk_factors",
+            "int_trade_risk_sensitivities",
+            "fct_daily_positions",
+            "fct_daily_risk_sensitivities",
+            "fct_monthly_positions",
+        }
+        assert [s["source"] for s in seen_by_analyst["sources"]] == ["raw_risk.risk_factors"]
+        assert seen_by_analyst["morphisms"] == [
+            m
+            for m in everything["morphisms"]
+            if m["model"] in {x["model"] for x in seen_by_analyst["morphisms"]}
+        ]
+        reconciled = analyst.post(f"/runs/{run_id}/reconcile").json()
+        assert [m["model"] for m in reconciled["morphisms"]] == [
+            m["model"] for m in seen_by_analyst["morphisms"]
+        ]
     _problem(api.get(f"/backward/fct_monthly_positions/{key}", params={"cursor": "garbage"}), 422)
     _problem(api.get(f"/backward/fct_monthly_positions/{key}", params={"depth": 0}), 422)
     _problem(api.get("/backward/no_such_model/x"), 404)

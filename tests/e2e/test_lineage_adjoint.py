@@ -1,7 +1,8 @@
 """Adjoint and lineage services as real uvicorn processes on real builds of the reference project.
 
 Clean data gives BALANCED and COMPLETE; a silent inner-join drop (the currency lookup made an inner join in a
-copy of the project) gives UNBALANCED and FAILED at the right model with the dropped keys, and a FAIL event.
+copy of the project) and a de-duplicating UNION (daily positions folded from a UNION, not UNION ALL, of the buy
+and sell legs) give UNBALANCED and FAILED at the right model with the lost keys, and a FAIL event.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.core.ldm.config import LineageMode
+from services.lineage.domain.spec import EventValidator
 from tests.conftest import PROJECT_DIR
 from tests.e2e.test_lineage_service import AppService, lineage_service
 from tests.integration.test_adjoint_reference import build_project
@@ -34,7 +37,7 @@ class Pipeline:
     manifest: dict[str, Any]
     run_results: dict[str, Any]
 
-    def run(self) -> tuple[str, dict[str, Any]]:
+    def run(self, lineage_mode: LineageMode = "full") -> tuple[str, dict[str, Any]]:
         """Capture then finalize one run of the build, as the planner would; the finalize answer."""
         run_id = str(uuid.uuid4())
         directory = self.lineage.home / "runs" / run_id
@@ -43,7 +46,7 @@ class Pipeline:
         (directory / "run_results.json").write_text(json.dumps(self.run_results))
         body = {
             "epoch": str(FIRST_EPOCH),
-            "lineage_mode": "full",
+            "lineage_mode": lineage_mode,
             "manifest": self.manifest,
             "run_results": self.run_results,
         }
@@ -69,8 +72,10 @@ class Pipeline:
             return conn.execute(query).fetchall()
 
 
-def _pipeline(url: str, project_dir: Path, home: Path) -> Iterator[Pipeline]:
-    manifest, results, _report = build_project(url, project_dir, home / "target")
+def _pipeline(
+    url: str, project_dir: Path, home: Path, prepare: Callable[[str], None] | None = None
+) -> Iterator[Pipeline]:
+    manifest, results, _report = build_project(url, project_dir, home / "target", prepare)
     adjoint = AppService(url, home / "adjoint", "services.adjoint.app:app")
     (home / "adjoint").mkdir()
     (home / "lineage").mkdir()
@@ -84,6 +89,12 @@ def _pipeline(url: str, project_dir: Path, home: Path) -> Iterator[Pipeline]:
         adjoint.stop()
 
 
+def _copy_project(home: Path) -> Path:
+    project = home / "dbt_project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    return project
+
+
 @pytest.fixture(scope="module")
 def clean(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     yield from _pipeline(new_database(), PROJECT_DIR, tmp_path_factory.mktemp("clean"))
@@ -94,13 +105,52 @@ def inner_join(
     new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
     home = tmp_path_factory.mktemp("inner-join")
-    project = home / "dbt_project"
-    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    project = _copy_project(home)
     macro = project / "macros" / "trade_enrichment.sql"
     text = macro.read_text()
     assert "left join {{ ref('currencies') }}" in text
     macro.write_text(text.replace("left join {{ ref('currencies') }}", "join {{ ref('currencies') }}"))
     yield from _pipeline(new_database(), project, home)
+
+
+# The daily fold reads a UNION of the buy and sell legs: UNION where UNION ALL was meant, so two trades of a book
+# with the same currency, side and notional on the day count once. dbt builds it and its tests pass.
+LEGS = """with legs as (
+    select business_date, book, currency_code, notional, notional_usd, signed_notional_usd
+    from {{ ref('int_trades_enriched') }}
+    where side = 'BUY'
+    union
+    select business_date, book, currency_code, notional, notional_usd, signed_notional_usd
+    from {{ ref('int_trades_enriched') }}
+    where side = 'SELL'
+)
+
+"""
+
+
+def _allocate_child_trades(url: str) -> None:
+    """Book a few orders as two child trades with the same economics (same book, side, notional, time)."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "insert into raw_trading.trades select trade_id || '-2', epoch_date, trade_ts, book, counterparty_id, "
+            "instrument_type, side, notional, currency, status, source_system from raw_trading.trades "
+            "where epoch_date = %s and status <> 'CANCELLED' order by trade_id limit 8",
+            (FIRST_EPOCH,),
+        )
+
+
+@pytest.fixture(scope="module")
+def union_merge(
+    new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    home = tmp_path_factory.mktemp("union-merge")
+    project = _copy_project(home)
+    model = project / "models" / "marts" / "fct_daily_positions.sql"
+    text = model.read_text()
+    fold, source = text.index("select\n    business_date,"), "from {{ ref('int_trades_enriched') }}\ngroup by"
+    assert source in text
+    model.write_text(text[:fold] + LEGS + text[fold:].replace(source, "from legs\ngroup by"))
+    yield from _pipeline(new_database(), project, home, _allocate_child_trades)
 
 
 def _events(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
@@ -180,3 +230,52 @@ def test_rows_deleted_after_the_build_and_before_capture_are_unbalanced(clean: P
     assert found["check"] == "end_to_end" and found["count"] == len(deleted)
     assert {k.rsplit(":", 1)[-1] for k in found["sample_keys"]} == deleted
     assert _events(clean, run_id)[-1]["eventType"] == "FAIL"
+
+
+@pytest.mark.parametrize("mode", ["key_derivable", "full"])
+def test_a_deduplicating_union_is_unbalanced_and_failed_with_the_merged_keys(
+    union_merge: Pipeline, mode: LineageMode
+) -> None:
+    # The trades the UNION merged, from the raw trades and dbt's own tables: of the accepted trades equal in
+    # every column the legs project (book, currency, side and notional on the day), all but one. The one that
+    # stays is the least trade id (the adjoint's convention for merged rows).
+    lost = {
+        r[0]
+        for r in union_merge.rows(
+            "select trade_id from (select t.trade_id, row_number() over (partition by t.book, upper(t.currency), "
+            "t.side, t.notional order by t.trade_id) as n from raw_trading.trades t "
+            f"where t.epoch_date = '{FIRST_EPOCH}' "
+            "and t.trade_id in (select trade_id from intermediate.int_trades_enriched)) r where n > 1"
+        )
+    }
+    assert lost and all(key.endswith("-2") for key in lost)
+    ((accepted, counted),) = union_merge.rows(
+        "select (select count(*) from intermediate.int_trades_enriched), "
+        "(select sum(trade_count) from marts.fct_daily_positions)"
+    )
+    assert counted == accepted - len(lost)  # the fault is real, and dbt's build and tests passed
+    run_id, result = union_merge.run(mode)
+    assert result["status"] == "FAILED" and result["ledger"]["status"] == "UNBALANCED"
+    assert "fct_daily_positions" in result["reason"]
+    with union_merge.lineage.client(AUTH) as lineage:
+        ledger = lineage.get(f"/runs/{run_id}/ledger").json()["ledger"]
+    assert {d["model"] for d in ledger["discrepancies"]} == {"fct_daily_positions"}, ledger["discrepancies"]
+    (completeness,) = [d for d in ledger["discrepancies"] if d["check"] == "completeness"]
+    assert completeness["count"] == len(lost)
+    assert {k.rsplit(":", 1)[-1] for k in completeness["sample_keys"]} == lost
+    positions = next(m for m in ledger["morphisms"] if m["model"] == "fct_daily_positions")
+    # The sell leg's trades reach the fold: none is "filtered" by the buy leg's WHERE.
+    assert positions["partitions"]["filtered"]["count"] == 0
+    assert positions["partitions"]["mapped"]["count"] == accepted - len(lost)
+    events = _events(union_merge, run_id)
+    validator = EventValidator.from_directory()
+    assert [e for e in events if validator.errors(e)] == []
+    assert events[-1]["eventType"] == "FAIL"
+    assert "fct_daily_positions" in events[-1]["run"]["facets"]["errorMessage"]["message"]
+    assert events[-1]["run"]["facets"]["cdme_ledger"]["status"] == "UNBALANCED"
+    accounting = next(
+        e["run"]["facets"]["cdme_accounting"]
+        for e in events
+        if e["job"]["name"] == "model.cdme_trading.fct_daily_positions" and e["eventType"] != "START"
+    )
+    assert accounting["balanced"] is False and accounting["unaccounted"] == len(lost)

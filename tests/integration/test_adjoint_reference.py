@@ -64,14 +64,19 @@ def capture_run(
 
 
 def build_project(
-    url: str, project_dir: Path, target: Path
+    url: str, project_dir: Path, target: Path, prepare: Callable[[str], None] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], GenerateReport]:
-    """Generate the first epoch's trades and `dbt build` `project_dir` into `url`; the run's artifacts."""
+    """Generate the first epoch's trades and `dbt build` `project_dir` into `url`; the run's artifacts.
+
+    `prepare(url)`, if given, runs between the two (to shape the raw data a test needs).
+    """
     report = generate(
         url,
         GenerateRequest(trades=TRADES, epoch=FIRST_EPOCH, seed=SEED, counterparties=COUNTERPARTIES),
         CURRENCIES,
     )
+    if prepare is not None:
+        prepare(url)
     invocation = run_dbt(
         ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})],
         project_dir=project_dir,

@@ -94,6 +94,40 @@ def test_union_keeps_only_the_driving_branch() -> None:
     assert "other" not in d.mapped_sql and "UNION" not in d.mapped_sql.upper()
 
 
+def test_a_union_of_two_partitions_of_the_driving_upstream_keeps_both_and_merges_as_the_model_did() -> None:
+    sql = """
+        with legs as (
+            select g, amount from s.src where side = 'BUY'
+            union
+            select g, amount from s.src as b where b.side = 'SELL'
+        )
+        select g, count(*) as n, sum(amount) as total from legs group by g
+    """
+    d = derive(sql, "m", SRC, ["id"], ["g"], OUT)
+    # Both branches' rows reach the output: a SELL trade is mapped, never "filtered" by the BUY branch.
+    assert [f.condition for f in d.filters] == ["side = 'BUY'", "b.side = 'SELL'"]
+    assert '"src"."id" AS __cdme_s0' in d.mapped_sql and '"b"."id" AS __cdme_s0' in d.mapped_sql
+    # The carried key makes every row distinct, so the UNION's merging is redone over the model's columns:
+    # one row per (g, amount), the least key's; the merged keys are mapped nowhere.
+    assert "UNION ALL" in d.mapped_sql
+    assert "DISTINCT ON (g, amount) * FROM (" in d.mapped_sql
+    assert "ORDER BY g, amount, __cdme_s0" in d.mapped_sql
+    assert d.deduplicates and d.passthrough == (None,)
+    # Each branch flags its own condition and passes the other's, so flags line up across the UNION.
+    pre = d.prefilter_sql
+    assert "COALESCE((side = 'BUY'), FALSE) AS __cdme_f0, TRUE AS __cdme_f1" in pre
+    assert "TRUE AS __cdme_f0, COALESCE((b.side = 'SELL'), FALSE) AS __cdme_f1" in pre
+    assert "DISTINCT ON" not in pre
+    # A key is filtered only when every row of it fails (the other branch always fails its own condition).
+    assert "CASE WHEN BOOL_AND(NOT condition IS NULL) THEN MIN(condition) END" in pre
+
+
+def test_a_union_with_another_upstream_merges_the_driving_branch_rows() -> None:
+    sql = "with u as (select g from s.src union select g from s.other) select g from u"
+    d = derive(sql, "m", SRC, ["id"], ["g"])
+    assert "other" not in d.mapped_sql and "DISTINCT ON (g) * FROM (SELECT g" in d.mapped_sql
+
+
 def test_limit_and_distinct_are_checked_against_the_built_relation() -> None:
     d = derive("select distinct id from s.src limit 5", "m", SRC, ["id"], ["id"], OUT)
     assert d.output_checked and "LIMIT" not in d.mapped_sql.upper()

@@ -10,7 +10,12 @@ project the upstream key and the output key, drop the fold"):
 - a GROUP BY on the way keeps its rows: its aggregates become window aggregates over the same groups, so
   later predicates see the same values; the root's GROUP BY is dropped and the output key's expressions
   projected instead;
-- other UNION branches are pruned (they carry other driving upstreams);
+- other UNION branches are pruned (they carry other driving upstreams), except the other branch of a two-branch
+  UNION below the root that reads the driving upstream in its FROM too (partitions of one upstream, `... where
+  side = 'BUY' union ... where side = 'SELL'`): both carry the key, so the rows of either are mapped;
+- a UNION (not ALL) below the root merges rows equal in the model's columns: the rewrite redoes that merge
+  (`DISTINCT ON` those columns over the branches with their keys, the least key staying), so the keys it merged
+  are mapped nowhere and stay unaccounted, as the rows they lost;
 - where the root's HAVING, LIMIT/OFFSET or DISTINCT decide which output rows exist, the pairs are semi-joined
   with the model's built relation, so a group or row that did not make it is never "mapped".
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import sqlglot
@@ -93,7 +98,8 @@ class Derivation:
         output_checked: Whether pairs are semi-joined with the built relation (root HAVING/LIMIT/DISTINCT).
         inferred_kind: The kind the SQL's shape suggests (a declared kind wins).
         deduplicates: Whether DISTINCT or UNION on the row path merges rows; for a one-to-one kind, capture
-            keeps one source key per output key (the least) and leaves the merged ones unaccounted.
+            keeps one source key per output key (the least) and leaves the merged ones unaccounted (a UNION below
+            the root is already merged in `mapped_sql`).
         mapped_rows_sql: `SELECT source_key, target_key`, one row per rewritten row (not distinct): what
             capture's digest check sums, so a source key that reaches the output twice shows up as a mismatch.
         passthrough: Per output key column, the index of the upstream key column it carries unchanged through
@@ -158,6 +164,10 @@ class _Path:
     root: exp.Expr
     through_union: bool
     union_distinct: bool = False
+    # Other branches of the UNION above `selects[0]` that read the driving upstream too, with their aliases of it.
+    branches: list[tuple[exp.Select, str]] = field(default_factory=list)
+    # A UNION (not ALL) below the root on the row path, as the node now in its place, and its output columns.
+    merge: tuple[exp.Query, list[exp.Identifier]] | None = None
 
 
 def _row_path(tree: exp.Expr, upstream: Relation) -> _Path:
@@ -172,24 +182,70 @@ def _row_path(tree: exp.Expr, upstream: Relation) -> _Path:
             problems.append("it is read outside a FROM or JOIN")
             continue
         try:
-            return _ascend(tree, select, table.alias_or_name)
+            return _ascend(tree, select, table.alias_or_name, upstream)
         except DerivationError as e:
             problems.append(str(e))
     msg = f"the rows of {upstream.schema}.{upstream.identifier} do not reach the output: {problems[0]}"
     raise DerivationError(msg)
 
 
-def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
+def _output_names(query: exp.Expr) -> list[exp.Identifier] | None:
+    """The identifiers of a SELECT's output columns, or None when a star or an unnamed expression hides them."""
+    if not isinstance(query, exp.Select):
+        return None
+    names = []
+    for p in query.expressions:
+        identifier = (
+            p.args.get("alias") if isinstance(p, exp.Alias) else p.this if isinstance(p, exp.Column) else None
+        )
+        if not isinstance(identifier, exp.Identifier) or identifier.this == "*":
+            return None
+        names.append(identifier.copy())
+    return names
+
+
+def _co_branch(union: exp.SetOperation, node: exp.Expr, upstream: Relation) -> tuple[exp.Select, str] | None:
+    """The other branch of a two-branch UNION when it is a plain SELECT that reads `upstream` in its FROM."""
+    other = union.expression if union.this is node else union.this
+    if not isinstance(union, exp.Union) or not isinstance(other, exp.Select) or other.args.get("with_"):
+        return None
+    source = other.args.get("from_")
+    table = source.this if source is not None else None
+    if not isinstance(table, exp.Table) or not upstream.matches(table):
+        return None
+    names, own = _output_names(other), _output_names(node)
+    if names is None or own is None or len(names) != len(own):
+        return None
+    return other, table.alias_or_name
+
+
+def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str, upstream: Relation) -> _Path:
     selects = [start]
     refs: list[str] = []
     node: exp.Expr = start
     through_union = False
     union_distinct = False
+    branches: list[tuple[exp.Select, str]] = []
+    merge: tuple[exp.Query, list[exp.Identifier]] | None = None
     while (parent := node.parent) is not None:
         if isinstance(parent, exp.SetOperation):
-            # The other branches carry other driving upstreams; this morphism's pairs come from this one only.
             through_union = True
-            union_distinct = union_distinct or bool(parent.args.get("distinct"))
+            distinct = bool(parent.args.get("distinct"))
+            union_distinct = union_distinct or distinct
+            below_root = parent.parent is not None
+            names = _output_names(node)
+            # A UNION of two partitions of the driving upstream (`... where side = 'BUY' union ... where side =
+            # 'SELL'`) keeps both branches: the rows of either reach the output.
+            co_branch = _co_branch(parent, node, upstream) if node is start and below_root else None
+            if co_branch is not None and names is not None:
+                branches.append(co_branch)
+                if distinct and merge is None:
+                    merge = (parent, names)
+                node = parent
+                continue
+            # Otherwise the other branches carry other driving upstreams; the pairs come from this one only.
+            if distinct and below_root and names is not None and merge is None:
+                merge = (node, names) if isinstance(node, exp.Query) else None
             with_ = parent.args.get("with_")
             if parent.parent is None:
                 # The set operation is the whole query: this branch becomes the root.
@@ -231,7 +287,7 @@ def _ascend(tree: exp.Expr, start: exp.Select, driving_alias: str) -> _Path:
     if not isinstance(root, exp.Select) or root is not selects[-1]:
         msg = "the query's root is not the SELECT the rows reach"
         raise DerivationError(msg)
-    return _Path(selects, refs, driving_alias, root, through_union, union_distinct)
+    return _Path(selects, refs, driving_alias, root, through_union, union_distinct, branches, merge)
 
 
 def _conjuncts(condition: exp.Expr) -> list[exp.Expr]:
@@ -365,6 +421,45 @@ def _passthrough(path: _Path, source_key: Sequence[str], target_key: Sequence[st
     )
 
 
+def _where_flags(
+    select: exp.Select, first: int, *, flags: bool
+) -> tuple[list[FilterCondition], list[exp.Expr]]:
+    """The WHERE conjuncts of `select` as filters numbered from `first`; with `flags`, as flag columns instead."""
+    where = select.args.get("where")
+    if where is None:
+        return [], []
+    conditions: list[FilterCondition] = []
+    columns: list[exp.Expr] = []
+    for condition in _conjuncts(where.this):
+        index = first + len(conditions)
+        conditions.append(FilterCondition(index, condition.sql(dialect=DIALECT), _line(condition), "where"))
+        columns.append(
+            exp.alias_(exp.func("coalesce", exp.paren(condition.copy()), exp.false()), f"{_FLAG}{index}")
+        )
+    if flags:
+        select.set("where", None)
+    return conditions, columns
+
+
+def _merge_as_union_does(node: exp.Query, names: list[exp.Identifier], source_columns: int) -> None:
+    """Make a UNION (not ALL) on the row path keep one row per distinct output row, as the model's did.
+
+    The carried keys make every row distinct, so the rewrite would keep rows the model merged. Of the rows equal
+    in the model's columns, the one of the least upstream key stays; the others' keys are mapped nowhere and
+    capture reports them unaccounted. `node` is the UNION (made ALL) or the one branch left in its place.
+    """
+    if isinstance(node, exp.Union):
+        node.set("distinct", False)
+    columns = [exp.Column(this=n.copy()) for n in names]
+    keys = [exp.column(f"{_SRC}{j}") for j in range(source_columns)]
+    holder = exp.Subquery(this=exp.select("1"), alias=exp.TableAlias(this=exp.to_identifier("__cdme_u")))
+    merged = exp.select(exp.Star()).from_(holder).distinct(*columns).order_by(*columns, *keys)
+    node.replace(merged)
+    placeholder = merged.find(exp.Subquery)
+    assert placeholder is not None
+    placeholder.set("this", node)
+
+
 @dataclass
 class _Rewrite:
     root: exp.Select
@@ -374,6 +469,7 @@ class _Rewrite:
     kind: InferredKind
     deduplicates: bool
     passthrough: tuple[int | None, ...] = ()
+    branched: bool = False
 
 
 def _rewrite(
@@ -384,15 +480,39 @@ def _rewrite(
     kind = _infer_kind(path)
     root = path.selects[-1]
     passthrough = _passthrough(path, source_key, target_key)
+    if path.branches:
+        # Only the first branch's key projection was followed; the others may compute the output key differently.
+        passthrough = tuple(None for _ in target_key)
     deduplicates = path.union_distinct or any(s.args.get("distinct") is not None for s in path.selects)
     filters: list[FilterCondition] = []
     for i, select in enumerate(path.selects):
         is_root = select is root
         if i == 0:
-            carried = [
-                exp.alias_(exp.column(c, table=path.driving_alias, quoted=True), f"{_SRC}{j}")
-                for j, c in enumerate(source_key)
-            ]
+            # The driving upstream's rows enter here, in every branch of a UNION that reads it. All branches
+            # project the same flag columns, in the same places: their own conditions, TRUE for the others'.
+            sources = [(select, path.driving_alias), *path.branches]
+            read: list[tuple[list[FilterCondition], list[exp.Expr]]] = []
+            for source, _alias in sources:
+                first = len(filters) + sum(len(conditions) for conditions, _ in read)
+                read.append(_where_flags(source, first, flags=flags))
+            new_flags = [f for conditions, _ in read for f in conditions]
+            level: list[list[exp.Expr]] = []
+            for (_source, alias), (conditions, columns) in zip(sources, read, strict=True):
+                own = {f.index: c for f, c in zip(conditions, columns, strict=True)}
+                level.append(
+                    [
+                        exp.alias_(exp.column(c, table=alias, quoted=True), f"{_SRC}{j}")
+                        for j, c in enumerate(source_key)
+                    ]
+                    + [own.get(f.index, exp.alias_(exp.true(), f"{_FLAG}{f.index}")) for f in new_flags]
+                )
+            for (source, _alias), columns in list(zip(sources, level, strict=True))[1:]:
+                if source.args.get("group") is not None:
+                    _keep_rows(source)
+                source.set(
+                    "expressions", [*source.expressions, *(columns if flags else columns[: len(source_key)])]
+                )
+            carried = level[0]
         else:
             carried = [
                 exp.alias_(exp.column(f"{_SRC}{j}", table=path.refs[i - 1]), f"{_SRC}{j}")
@@ -402,25 +522,8 @@ def _rewrite(
                 exp.alias_(exp.column(f"{_FLAG}{f.index}", table=path.refs[i - 1]), f"{_FLAG}{f.index}")
                 for f in filters
             ]
-        new_flags: list[FilterCondition] = []
-        if flags and (where := select.args.get("where")) is not None:
-            for condition in _conjuncts(where.this):
-                index = len(filters) + len(new_flags)
-                new_flags.append(
-                    FilterCondition(index, condition.sql(dialect=DIALECT), _line(condition), "where")
-                )
-                carried.append(
-                    exp.alias_(
-                        exp.func("coalesce", exp.paren(condition.copy()), exp.false()), f"{_FLAG}{index}"
-                    )
-                )
-            select.set("where", None)
-        elif where := select.args.get("where"):
-            for condition in _conjuncts(where.this):
-                index = len(filters) + len(new_flags)
-                new_flags.append(
-                    FilterCondition(index, condition.sql(dialect=DIALECT), _line(condition), "where")
-                )
+            new_flags, columns = _where_flags(select, len(filters), flags=flags)
+            carried += columns
         filters.extend(new_flags)
         if not flags:
             # Without flag columns nothing is carried for the filters; only keys travel.
@@ -434,6 +537,8 @@ def _rewrite(
             if select.args.get("group") is not None:
                 _keep_rows(select)
             select.set("expressions", [*select.expressions, *carried])
+    if path.merge is not None and not flags:
+        _merge_as_union_does(*path.merge, len(source_key))
     having_node = root.args.get("having")
     having = having_node.this.copy() if having_node is not None else None
     output_checked = any(root.args.get(a) is not None for a in ("having", "limit", "offset", "distinct"))
@@ -441,7 +546,9 @@ def _rewrite(
         filters.append(FilterCondition(len(filters), having.sql(dialect=DIALECT), _line(having), "having"))
     for arg in ("group", "having", "order", "limit", "offset", "distinct", "qualify"):
         root.set(arg, None)
-    return _Rewrite(root, filters, having, output_checked, kind, deduplicates, passthrough)
+    return _Rewrite(
+        root, filters, having, output_checked, kind, deduplicates, passthrough, branched=bool(path.branches)
+    )
 
 
 def derive(
@@ -514,6 +621,27 @@ def derive(
     pre_select = exp.select(exp.alias_(source.copy(), "source_key"), exp.alias_(case, "condition")).from_(
         pre_subquery
     )
+    if prefilter.branched:
+        # Every branch of the UNION sees every upstream row and fails the other branches' conditions, so a key
+        # is filtered only when all its rows fail one (at the first such condition), never when one passes.
+        pre_select = (
+            exp.select(
+                "source_key",
+                exp.alias_(
+                    exp.Case(
+                        ifs=[
+                            exp.If(
+                                this=exp.func("bool_and", exp.column("condition").is_(exp.null()).not_()),
+                                true=exp.func("min", exp.column("condition")),
+                            )
+                        ]
+                    ),
+                    "condition",
+                ),
+            )
+            .from_(exp.Subquery(this=pre_select, alias=exp.TableAlias(this=exp.to_identifier("b"))))
+            .group_by("source_key")
+        )
     return Derivation(
         mapped_sql=select.sql(dialect=DIALECT),
         prefilter_sql=pre_select.sql(dialect=DIALECT),

@@ -176,8 +176,11 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
 # -- partitions -------------------------------------------------------------------------------------------------
 
 
-def partitions(engine: Engine, run_id: str) -> dict[str, Any]:
+def partitions(engine: Engine, run_id: str, roles: frozenset[str] | None = None) -> dict[str, Any]:
     """The accounting of a captured run (the body of `GET /runs/{run_id}/partitions`).
+
+    A principal with `roles` sees only the morphisms whose model and upstream it may see, and the graph sources
+    it may see, as if the others were not in the run (None: every one).
 
     Raises:
         NotFoundError: The run was never captured.
@@ -194,7 +197,13 @@ def partitions(engine: Engine, run_id: str) -> dict[str, Any]:
             msg = f"run {run_id} has not been captured"
             raise NotFoundError(msg)
         cur.execute("select * from cdme_adjoint.morphisms where run_id = %s order by morphism_id", (run_id,))
-        morphisms = [_morphism_view(run_id, m) for m in cur.fetchall()]
+        rows = cur.fetchall()
+        morphisms = [
+            _morphism_view(run_id, m)
+            for m in rows
+            if _visible(m["access"], roles) and _visible(m["upstream_access"], roles)
+        ]
+        access = {m["upstream_unique_id"]: m["upstream_access"] for m in rows}
         cur.execute("select * from cdme_adjoint.sources where run_id = %s order by unique_id", (run_id,))
         sources = [
             {
@@ -212,6 +221,7 @@ def partitions(engine: Engine, run_id: str) -> dict[str, Any]:
                 "unaccounted_samples": s["unaccounted_samples"],
             }
             for s in cur.fetchall()
+            if _visible(access.get(s["unique_id"], ()), roles)
         ]
     return {
         "run_id": run["run_id"],
@@ -230,6 +240,7 @@ def _location(table: str, run_id: str, morphism_id: int) -> str:
 
 def _morphism_view(run_id: str, m: dict[str, Any]) -> dict[str, Any]:
     return {
+        "morphism_id": m["morphism_id"],
         "model": m["model"],
         "unique_id": m["unique_id"],
         "relation": m["relation"],
@@ -607,8 +618,10 @@ select k from (
 """
 
 
-def reconcile(engine: Engine, run_id: str) -> dict[str, Any]:
+def reconcile(engine: Engine, run_id: str, roles: frozenset[str] | None = None) -> dict[str, Any]:
     """Reconcile a run per morphism: `exact`, `superset` or `violation`, with sample keys.
+
+    Only the morphisms `partitions` shows a principal with `roles` are reconciled for it.
 
     `exact`: an iso whose backward(forward(x)) = x for every key; `superset`: lossy but every input key has
     exactly one partition; `violation`: keys missing, keys in two partitions, or an iso that is not one.
@@ -616,10 +629,10 @@ def reconcile(engine: Engine, run_id: str) -> dict[str, Any]:
     Raises:
         NotFoundError: The run was never captured.
     """
-    report = partitions(engine, run_id)
+    report = partitions(engine, run_id, roles)
     results = []
     with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
-        for i, m in enumerate(report["morphisms"], start=1):
+        for m in report["morphisms"]:
             problems: list[str] = []
             samples: list[str] = []
             if m["unaccounted"]["count"]:
@@ -631,7 +644,7 @@ def reconcile(engine: Engine, run_id: str) -> dict[str, Any]:
             status = "superset"
             if m["kind"] == "iso":
                 if report["lineage_mode"] == "full":
-                    cur.execute(_ISO, {"run": report["run_id"], "m": i, "n": SAMPLES})
+                    cur.execute(_ISO, {"run": report["run_id"], "m": m["morphism_id"], "n": SAMPLES})
                     bad = [r["k"] for r in cur.fetchall()]
                     if bad:
                         problems.append(
