@@ -119,6 +119,9 @@ def _describe_step(step: dict[str, Any]) -> str:
     elif name == "validate" and output.get("summary"):
         s = output["summary"]
         line += f"  {output.get('status')}: {s.get('errors', 0)} errors, {s.get('warnings', 0)} warnings"
+        lint = output.get("lint") or {}
+        if lint.get("available"):
+            line += f"; SQL lint: {lint.get('total', 0)} findings in {lint.get('files', 0)} files"
     elif name == "ingest" and output.get("sources"):
         line += "  " + ", ".join(f"{x['source']}: {x['rows']:,} rows" for x in output["sources"])
     elif name == "capture" and status == "succeeded":

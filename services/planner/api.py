@@ -35,7 +35,7 @@ from services.core.webapp import (
     refuse_nul,
 )
 from services.planner.domain.model import TERMINAL, Run, RunRequest, RunStatus, StepName, StepStatus
-from services.planner.domain.planner import Planner, planner_from_settings
+from services.planner.domain.planner import LINT_LOG, Planner, planner_from_settings
 from services.planner.runtimes.local import log_file
 
 # -- schemas ----------------------------------------------------------------------------------------------------
@@ -268,7 +268,12 @@ _POLL_S = 0.25
     "/runs/{run_id}/logs",
     response_class=StreamingResponse,
     responses=problem_responses(404)
-    | {200: {"content": {"text/event-stream": {}}, "description": "dbt's JSON log lines as events."}},
+    | {
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "dbt's JSON log lines (and SQL lint findings) as events.",
+        }
+    },
 )
 async def run_logs(
     run_id: uuid.UUID,
@@ -278,7 +283,8 @@ async def run_logs(
 ) -> StreamingResponse:
     """Dbt's structured log lines of the run as server-sent events (`event: dbt`, one JSON line per event).
 
-    The compile's lines come first, then the build's. With `follow` the stream stays open while the run is
+    The compile's lines come first, then the SQL lint findings when the planner lints (`event: lint`, one
+    finding each: file, line, position, code, description), then the build's. With `follow` the stream stays open while the run is
     active and ends with an `end` event carrying the run's final status.
     """
     planner = context.state.planner
@@ -292,15 +298,20 @@ async def run_logs(
 
 
 async def _log_events(planner: Planner, run_id: uuid.UUID, run_dir: Path, follow: bool) -> AsyncIterator[str]:
-    files = [run_dir / log_file("compile"), run_dir / log_file("build")]
+    # In the order the steps write them: the validate step's compile and SQL lint, then the dbt step's build.
+    files = {
+        run_dir / log_file("compile"): "dbt",
+        run_dir / LINT_LOG: "lint",
+        run_dir / log_file("build"): "dbt",
+    }
     offsets = dict.fromkeys(files, 0)
     while True:
         run = await run_in_threadpool(planner.get, run_id)
         ended = run.status in TERMINAL or not follow
-        for path in files:
+        for path, event in files.items():
             lines, offsets[path] = await run_in_threadpool(_read_from, path, offsets[path])
             for line in lines:
-                yield f"event: dbt\ndata: {line}\n\n"
+                yield f"event: {event}\ndata: {line}\n\n"
         if ended:
             yield f"event: end\ndata: {json.dumps({'status': run.status, 'reason': run.reason})}\n\n"
             return

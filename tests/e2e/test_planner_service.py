@@ -7,6 +7,9 @@ state machine with absent peers in `tests/integration/test_planner_runs.py`.
 
 from __future__ import annotations
 
+import itertools
+import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -18,6 +21,7 @@ import psycopg
 import pytest
 
 from services.core.net import free_port
+from tests.conftest import PROJECT_DIR
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -58,6 +62,7 @@ def stack(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFact
         "CDME_LINEAGE_URL": f"http://127.0.0.1:{free_port()}",
         "CDME_HTTP_RETRIES": "0",
         "CDME_PLANNER_PEER_WAIT_S": "0",
+        "CDME_PLANNER_LINT": "true",
     }
     validation = ServiceProcess(
         url, home, service="validation", env=env, port=validation_port, log_name="validation.log"
@@ -103,3 +108,33 @@ def test_runs_need_a_token_and_bad_requests_are_problems(stack: Stack) -> None:
         _problem(api.get("/runs/01a20000-0000-7000-8000-000000000000"), 404)
         _problem(api.get("/runs/not-a-uuid"), 422)
         _problem(api.post("/runs/01a20000-0000-7000-8000-000000000000/resume"), 404)
+
+
+def test_sql_lint_findings_show_in_the_run_and_its_log_stream_without_failing_it(stack: Stack) -> None:
+    with stack.api() as api:
+        created = api.post("/runs", json={"epoch": EPOCH.isoformat(), "dry_run": True})
+        assert created.status_code == 202, created.text
+        run_id = created.json()["id"]
+        deadline = time.monotonic() + 300
+        while (run := api.get(f"/runs/{run_id}").json())["status"] not in {"COMPLETE", "FAILED", "CANCELLED"}:
+            assert time.monotonic() < deadline, run
+            time.sleep(0.5)
+        assert run["status"] == "COMPLETE", run
+        validate = next(s for s in run["steps"] if s["step"] == "validate")
+        lint = validate["output"]["lint"]
+        # The reference project's compiled models (generic tests left out), linted by the pinned sqlfluff.
+        assert lint["available"] is True and lint["reason"] is None
+        assert lint["files"] == len(list((PROJECT_DIR / "models").rglob("*.sql")))
+        assert lint["total"] >= len(lint["findings"]) > 0
+        assert all(set(f) == {"file", "line", "position", "code", "description"} for f in lint["findings"])
+        assert all(f["file"].endswith(".sql") and f["line"] >= 1 for f in lint["findings"])
+
+        with api.stream("GET", f"/runs/{run_id}/logs", params={"follow": "false"}) as stream:
+            events = list(stream.iter_lines())
+        linted = [
+            json.loads(line.removeprefix("data: "))
+            for prev, line in itertools.pairwise(events)
+            if prev == "event: lint"
+        ]
+        assert len(linted) == lint["total"]
+        assert linted[: len(lint["findings"])] == lint["findings"]

@@ -95,15 +95,3 @@ def test_runtimes_are_discovered_through_entry_points() -> None:
     assert isinstance(load_runtime("cloud", CONTEXT), CloudRuntime)
     with pytest.raises(UsageError, match=r"unknown dbt runtime 'spark'; installed: .*local"):
         load_runtime("spark", CONTEXT)
-
-
-def test_lint_is_optional(tmp_path: Path) -> None:
-    sql = tmp_path / "m.sql"
-    sql.write_text("select 1\n")
-    findings = load_runtime("local", CONTEXT).lint([sql])
-    try:
-        import sqlfluff  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        assert findings is None
-    else:
-        assert findings is not None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from services.core.errors import ConfigurationError, DbtError, UsageError
+from services.core.errors import ConfigurationError, DbtError, UsageError, first_line
 
 ENTRY_POINT_GROUP = "cdme.dbt_runtimes"
 DbtCommand = Literal["compile", "build", "run", "test"]
@@ -74,13 +74,61 @@ class DbtOutcome:
 
 @dataclass(frozen=True)
 class LintFinding:
-    """One SQL lint violation."""
+    """One SQL lint violation: the compiled file (relative to the target's `compiled/`), where, and which rule."""
 
-    path: str
+    file: str
     line: int
-    column: int
+    position: int
     code: str
-    message: str
+    description: str
+
+
+@dataclass(frozen=True)
+class LintReport:
+    """What linting a command's compiled SQL found; `available` is false when the runtime cannot lint."""
+
+    available: bool
+    findings: list[LintFinding] = field(default_factory=list)
+    files: int = 0
+    seconds: float = 0.0
+    reason: str | None = None  # why nothing was linted (unavailable) or why linting stopped
+
+    def as_output(self, kept: int) -> dict[str, Any]:
+        """The report as a run step shows it, with at most `kept` findings (`total` counts them all)."""
+        return {
+            "available": self.available,
+            "linter": _SQLFLUFF_NAME,
+            "files": self.files,
+            "seconds": round(self.seconds, 3),
+            "total": len(self.findings),
+            "findings": [asdict(f) for f in self.findings[:kept]],
+            "reason": self.reason,
+        }
+
+
+_SQLFLUFF_NAME = "sqlfluff"
+# Rules that compiled SQL breaks by construction, whatever the model says: dbt quotes every relation it
+# renders (RF06), drops the trailing newline (LT12) and leaves a Jinja block's leading blank lines (LT13).
+LINT_EXCLUDED_RULES = ("RF06", "LT12", "LT13")
+
+
+def _sqlfluff_version() -> str | None:
+    """`sqlfluff <version>` when it can be imported (the same test `lint` makes), else None."""
+    try:
+        import sqlfluff
+    except ImportError:
+        return None
+    return f"{_SQLFLUFF_NAME} {sqlfluff.__version__}"
+
+
+def compiled_sql_files(target_path: Path) -> list[Path]:
+    """The compiled models, snapshots, analyses and singular tests under `<target>/compiled/`, sorted.
+
+    Generic tests (compiled into a directory named after their YAML file) are dbt's macros, not the
+    project's SQL, so they are left out.
+    """
+    root = target_path / "compiled"
+    return sorted(p for p in root.rglob("*.sql") if p.parent.suffix not in {".yml", ".yaml"})
 
 
 class DbtRuntime(ABC):
@@ -125,28 +173,69 @@ class DbtRuntime(ABC):
         return {n: outcome.target_path / n for n in names if (outcome.target_path / n).is_file()}
 
     def metadata(self) -> dict[str, Any]:
-        """What this runtime is: its name, whether runs may overlap, and runtime-specific facts."""
-        return {"name": self.name, "supports_parallel": self.supports_parallel}
+        """What this runtime is: its name, whether runs may overlap, its SQL linter, runtime-specific facts."""
+        return {
+            "name": self.name,
+            "supports_parallel": self.supports_parallel,
+            "sql_lint": _sqlfluff_version(),
+        }
 
-    def lint(self, paths: list[Path]) -> list[LintFinding] | None:
-        """Lint SQL files with sqlfluff (PostgreSQL dialect); None when sqlfluff is not installed."""
-        if importlib.util.find_spec("sqlfluff") is None:
-            return None
-        import sqlfluff  # type: ignore[import-not-found,unused-ignore]  # optional dependency
+    def lint(self, outcome: DbtOutcome) -> LintReport:
+        """Lint the SQL a command compiled (`<target>/compiled/`) with sqlfluff, when it is installed.
 
+        The SQL is already rendered, so sqlfluff's `raw` templater reads it as it is, in the PostgreSQL
+        dialect; a `.sqlfluff` in the project still chooses the rules (their exclusions are added to
+        `LINT_EXCLUDED_RULES`). Lint is advisory: nothing here fails a run, and a runtime that keeps the compiled
+        SQL elsewhere reports no files.
+        """
+        try:
+            from sqlfluff.core import FluffConfig, Linter
+        except ImportError:
+            return LintReport(available=False, reason="sqlfluff is not installed (pip install sqlfluff)")
+        files = compiled_sql_files(outcome.target_path)
+        if not files:
+            return LintReport(available=True, reason=f"no compiled SQL in {outcome.target_path / 'compiled'}")
+        started = time.perf_counter()
+        overrides: dict[str, Any] = {"dialect": "postgres", "templater": "raw"}
+        root = outcome.target_path / "compiled"
         findings: list[LintFinding] = []
-        for path in paths:
-            for violation in sqlfluff.lint(path.read_text(), dialect="postgres"):
-                findings.append(
+        try:
+            project = FluffConfig.from_path(str(self.context.project_dir), overrides=overrides)
+            configured = project.get("exclude_rules") or ""
+            names = configured if isinstance(configured, list | tuple) else str(configured).split(",")
+            excluded = {str(r).strip() for r in names if str(r).strip()}
+            config = FluffConfig.from_path(
+                str(self.context.project_dir),
+                overrides={
+                    **overrides,
+                    "exclude_rules": ",".join(sorted(excluded | set(LINT_EXCLUDED_RULES))),
+                },
+            )
+            linter = Linter(config=config)
+            for path in files:
+                relative = path.relative_to(root).as_posix()
+                linted = linter.lint_string(path.read_text(), fname=relative)
+                findings.extend(
                     LintFinding(
-                        path=str(path),
-                        line=int(violation.get("start_line_no", 0)),
-                        column=int(violation.get("start_line_pos", 0)),
-                        code=str(violation.get("code", "")),
-                        message=str(violation.get("description", "")),
+                        file=relative,
+                        line=int(v.line_no),
+                        position=int(v.line_pos),
+                        code=str(v.rule_code()),
+                        description=str(v.desc()),
                     )
+                    for v in linted.get_violations()
                 )
-        return findings
+        except Exception as e:  # an advisory linter's own failure must not fail the run
+            return LintReport(
+                available=True,
+                findings=findings,
+                files=len(files),
+                seconds=time.perf_counter() - started,
+                reason=f"sqlfluff stopped: {type(e).__name__}: {first_line(e)}",
+            )
+        return LintReport(
+            available=True, findings=findings, files=len(files), seconds=time.perf_counter() - started
+        )
 
 
 def available_runtimes() -> dict[str, Any]:
