@@ -252,6 +252,7 @@ def run_adjoint_benchmark(
                 edges = graph.visible_edges()
                 params = {
                     **queries.edge_params(edges),
+                    **queries.producer_params(graph),
                     "run": full,
                     "to": None,
                     "limit": queries.DEFAULT_LIMIT + 1,

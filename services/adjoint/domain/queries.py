@@ -297,7 +297,9 @@ def _bounds(depth: int | None, limit: int) -> int:
 
 
 # Backward through an identity morphism (every pair is (k, k)) needs no lookup: each output row of a model has
-# its driving input row, so the key it reached is the key upstream.
+# its driving input row, so the key it reached is the key upstream. Besides the page (`stranded` false, in
+# order), the query returns the keys the walk reached at a model that no morphism of this run produced (an
+# incremental model's rows of earlier epochs): the caller follows them into the runs that did.
 _BACKWARD = """
 with recursive walk(uid, k, path, depth) as (
     select %(uid)s::text, %(key)s::text, array[%(uid)s::text], 0
@@ -313,10 +315,20 @@ with recursive walk(uid, k, path, depth) as (
         where not e.identity and x.run_id = %(run)s and x.morphism_id = e.id and x.target_key = w.k
     ) m
     where w.depth < %(depth)s
+),
+page as (
+    select distinct uid, k, path, depth from walk where depth > 0 and (%(to)s::text is null or uid = %(to)s)
+    order by depth, uid, k, path
+    limit %(limit)s offset %(offset)s
 )
-select distinct uid, k, path, depth from walk where depth > 0 and (%(to)s::text is null or uid = %(to)s)
-order by depth, uid, k, path
-limit %(limit)s offset %(offset)s
+select uid, k, path, depth, false as stranded from page
+union all
+select distinct w.uid, w.k, w.path, w.depth, true from walk w
+where w.depth < %(depth)s and w.uid = any(%(producer_models)s::text[]) and not exists (
+    select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[]) as p(model, id)
+    join cdme_adjoint.mapped x on x.run_id = %(run)s and x.morphism_id = p.id and x.target_key = w.k
+    where p.model = w.uid
+)
 """
 
 _IMPACT = """
@@ -332,6 +344,15 @@ with recursive walk(uid, k, path, depth) as (
 select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
 from walk where depth > 0 group by uid, path order by min(depth), uid, path
 """
+
+
+def producer_params(graph: RunGraph) -> dict[str, Any]:
+    """The bind parameters naming the run's non-identity morphisms into each model (hidden ones included)."""
+    producers = [e for e in graph.edges if not e.identity]
+    return {
+        "producer_models": [e.unique_id for e in producers],
+        "producer_ids": [e.morphism_id for e in producers],
+    }
 
 
 def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, Any]:
@@ -372,8 +393,12 @@ def backward(
         cursor: The `next` of the previous page.
 
     Returns:
-        `{run_id, model, key, key_encoding, contributions: [{entity, unique_id, key, depth, path, record?}],
-        next}`, ordered by depth, entity and key.
+        `{run_id, model, key, key_encoding, contributions: [{entity, unique_id, key, depth, path, run_id,
+        record?}], unresolved: [{entity, unique_id, key, path, reason}], next}`, ordered by depth, entity and
+        key. A key the walk reaches at a model this run did not produce (an incremental model's earlier epochs)
+        is followed into the latest earlier run that captured it in `full` or `summary` mode (its contributions
+        carry that run's id); where no such run holds it, it is listed in `unresolved`, so a partial answer
+        never passes for a whole one.
 
     Raises:
         NotFoundError: The run, the model, `to` or the key is unknown (or not visible).
@@ -386,37 +411,29 @@ def backward(
         graph = load_graph(cur, run_id or latest_run(cur, model), roles)
         uid = graph.uid_of(model)
         target = graph.uid_of(to) if to is not None else None
-        edges = graph.visible_edges()
-        if graph.lineage_mode == "key_derivable":
-            rows = _backward_derived(cur, graph, edges, uid, key, target, max_depth)
+        names = dict(graph.names)
+        if graph.lineage_mode != "key_derivable":
+            _check_key(cur, graph, graph.visible_edges(), uid, key)
+        rows, stranded = _walk(cur, graph, uid, key, target, max_depth, limit + 1, offset)
+        unresolved: list[_Row] = []
+        if stranded:
+            rows, unresolved = _walk_across_runs(cur, graph, roles, uid, key, target, max_depth, names)
             rows = rows[offset : offset + limit + 1]
-        else:
-            _check_key(cur, graph, edges, uid, key)
-            cur.execute(
-                _BACKWARD,
-                {
-                    **edge_params(edges),
-                    "uid": uid,
-                    "key": key,
-                    "run": graph.run_id,
-                    "depth": max_depth,
-                    "to": target,
-                    "limit": limit + 1,
-                    "offset": offset,
-                },
-            )
-            rows = [(r["uid"], r["k"], r["path"], r["depth"]) for r in cur.fetchall()]
+        elif graph.lineage_mode == "key_derivable" and not rows and offset == 0:
+            msg = f"key {key!r} of {graph.names[uid]} has no contributing records in run {graph.run_id}"
+            raise NotFoundError(msg)
         more = len(rows) > limit
         rows = rows[:limit]
         contributions = [
             {
-                "entity": graph.names[u],
+                "entity": names[u],
                 "unique_id": u,
                 "key": k,
                 "depth": d,
-                "path": [graph.names[p] for p in path],
+                "path": [names[p] for p in path],
+                "run_id": run,
             }
-            for u, k, path, d in rows
+            for u, k, path, d, run in rows
         ]
         if records:
             _set_encoding_session(cur)
@@ -428,8 +445,111 @@ def backward(
         "key_encoding": KEY_ENCODING,
         "lineage_mode": graph.lineage_mode,
         "contributions": contributions,
+        "unresolved": [
+            {
+                "entity": names[u],
+                "unique_id": u,
+                "key": k,
+                "path": [names[p] for p in path],
+                "reason": f"no run captured in full or summary mode before {run} produced it",
+            }
+            for u, k, path, _d, run in unresolved
+        ],
         "next": _next_cursor(offset + limit) if more else None,
     }
+
+
+# (entity unique id, key, path of unique ids, depth, run id)
+_Row = tuple[str, str, list[str], int, str]
+
+
+def _walk(
+    cur: psycopg.Cursor[Any],
+    graph: RunGraph,
+    uid: str,
+    key: str,
+    target: str | None,
+    max_depth: int,
+    limit: int | None,
+    offset: int,
+) -> tuple[list[_Row], list[_Row]]:
+    """One run's backward walk: a page of contributions (all of them with no limit) and the stranded keys."""
+    edges = graph.visible_edges()
+    if graph.lineage_mode == "key_derivable":
+        found, derived_stranded = _backward_derived(cur, graph, edges, uid, key, target, max_depth)
+        page = found[offset:] if limit is None else found[offset : offset + limit]
+        run = graph.run_id
+        return [(u, k, p, d, run) for u, k, p, d in page], [
+            (u, k, p, d, run) for u, k, p, d in derived_stranded
+        ]
+    cur.execute(
+        _BACKWARD,
+        {
+            **edge_params(edges),
+            **producer_params(graph),
+            "uid": uid,
+            "key": key,
+            "run": graph.run_id,
+            "depth": max_depth,
+            "to": target,
+            "limit": limit,
+            "offset": offset,
+        },
+    )
+    rows = cur.fetchall()
+    walked: list[_Row] = [
+        (r["uid"], r["k"], r["path"], r["depth"], graph.run_id) for r in rows if not r["stranded"]
+    ]
+    unproduced: list[_Row] = sorted(
+        (r["uid"], r["k"], r["path"], r["depth"], graph.run_id) for r in rows if r["stranded"]
+    )
+    return walked, unproduced
+
+
+def _walk_across_runs(
+    cur: psycopg.Cursor[Any],
+    graph: RunGraph,
+    roles: frozenset[str] | None,
+    uid: str,
+    key: str,
+    target: str | None,
+    max_depth: int,
+    names: dict[str, str],
+) -> tuple[list[_Row], list[_Row]]:
+    """Every contribution of a walk that crosses into earlier runs, ordered; and the keys no run explains."""
+    rows, stranded = _walk(cur, graph, uid, key, target, max_depth, None, 0)
+    found = {(u, k, tuple(p)): (d, r) for u, k, p, d, r in rows}
+    unresolved: list[_Row] = []
+    for s_uid, s_key, s_path, s_depth, _run in stranded:
+        earlier = _producing_run(cur, s_uid, s_key, graph.run_id)
+        if earlier is None:
+            unresolved.append((s_uid, s_key, s_path, s_depth, graph.run_id))
+            continue
+        before = load_graph(cur, earlier, roles)
+        names.update(before.names)
+        more, lost = _walk_across_runs(cur, before, roles, s_uid, s_key, target, max_depth - s_depth, names)
+        for u, k, p, d, r in more:
+            found.setdefault((u, k, (*s_path, *p[1:])), (s_depth + d, r))
+        unresolved += [(u, k, [*s_path, *p[1:]], s_depth + d, r) for u, k, p, d, r in lost]
+    ordered = sorted(
+        ((u, k, list(p), d, r) for (u, k, p), (d, r) in found.items()), key=lambda x: (x[3], x[0], x[1], x[2])
+    )
+    return ordered, unresolved
+
+
+def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str) -> str | None:
+    """The latest run captured before `later_than`, with its pairs stored, in which `key` of `uid` was produced."""
+    cur.execute(
+        "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
+        "where o.unique_id = %(uid)s and r.lineage_mode <> 'key_derivable' "
+        "and r.captured_at < (select captured_at from cdme_adjoint.runs where run_id = %(run)s) "
+        "and exists (select 1 from cdme_adjoint.mapped x where x.run_id = o.run_id "
+        "and x.morphism_id = o.morphism_id and x.target_key = %(k)s) "
+        "order by r.captured_at desc limit 1",
+        {"uid": uid, "k": key, "run": later_than},
+    )
+    row = cur.fetchone()
+    return None if row is None else str(row["run_id"])
 
 
 def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge], uid: str, key: str) -> None:
@@ -508,13 +628,16 @@ def _backward_derived(
     key: str,
     target: str | None,
     max_depth: int,
-) -> list[tuple[str, str, list[str], int]]:
+) -> tuple[list[tuple[str, str, list[str], int]], list[tuple[str, str, list[str], int]]]:
     _set_encoding_session(cur)
     frontier: dict[tuple[str, str], list[str]] = {(uid, key): [uid]}
     out: list[tuple[str, str, list[str], int]] = []
+    stranded: list[tuple[str, str, list[str], int]] = []
     verified: set[int] = set()
+    producers = {e.unique_id for e in graph.edges}
     for level in range(1, max_depth + 1):
         step: dict[tuple[str, str], list[str]] = {}
+        reached: set[tuple[str, str]] = set()
         for e in edges:
             keys = [k for (u, k) in frontier if u == e.unique_id]
             if not keys:
@@ -531,14 +654,17 @@ def _backward_derived(
             for r in cur.fetchall():
                 path = [*frontier[(e.unique_id, r["target_key"])], e.upstream_unique_id]
                 step.setdefault((e.upstream_unique_id, r["source_key"]), path)
+                reached.add((e.unique_id, r["target_key"]))
+        stranded += [
+            (u, k, p, level - 1)
+            for (u, k), p in frontier.items()
+            if u in producers and (u, k) not in reached and level > 1
+        ]
         if not step:
             break
         out.extend((u, k, p, level) for (u, k), p in step.items() if target is None or u == target)
         frontier = step
-    if len(out) == 0 and level == 1:
-        msg = f"key {key!r} of {graph.names[uid]} has no contributing records in run {graph.run_id}"
-        raise NotFoundError(msg)
-    return sorted(out, key=lambda r: (r[3], r[0], r[1], r[2]))
+    return sorted(out, key=lambda r: (r[3], r[0], r[1], r[2])), sorted(stranded)
 
 
 def impact(
