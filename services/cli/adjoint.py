@@ -69,9 +69,13 @@ def backward_command(
     typer.echo(f"run {body['run_id']}: {body['model']} {body['key']} <- {len(body['contributions'])} records")
     for c in body["contributions"]:
         line = f"  {c['entity']:<32} {c['key']:<40} via {' <- '.join(c['path'])}"
+        if c.get("run_id") not in (None, body["run_id"]):
+            line += f"  (run {c['run_id']})"
         if records and c.get("record") is not None:
             line += f"  {json.dumps(c['record'])}"
         typer.echo(line)
+    for u in body.get("unresolved") or []:
+        typer.echo(f"  unresolved: {u['entity']} {u['key']} via {' <- '.join(u['path'])}: {u['reason']}")
     if body.get("next"):
         typer.echo(f"more: --cursor {body['next']}")
 
