@@ -222,14 +222,30 @@ def test_rows_deleted_after_the_build_and_before_capture_are_unbalanced(clean: P
     assert result["ledger"]["unaccounted"] == len(deleted)
     with clean.lineage.client(AUTH) as lineage:
         ledger = lineage.get(f"/runs/{run_id}/ledger").json()["ledger"]
-    # The adjoint re-derives int_trades_enriched's partitions from its logic, so the deletion shows end to end:
-    # the trades' keys have no terminal fate.
+    # int_trades_enriched's key is its upstream's, so its mapped keys are read from the table dbt built: the
+    # deleted trades are missing at that model, and end to end the raw trades have no terminal fate.
+    at_model = [d for d in ledger["discrepancies"] if d["model"] == "int_trades_enriched"]
+    assert {d["check"] for d in at_model} >= {"completeness"}
+    (missing,) = [d for d in at_model if d["check"] == "completeness"]
+    assert missing["count"] == len(deleted)
+    assert {k.rsplit(":", 1)[-1] for k in missing["sample_keys"]} == deleted
     (found,) = [
         d for d in ledger["discrepancies"] if d["unique_id"] == "source.cdme_trading.raw_trading.trades"
     ]
     assert found["check"] == "end_to_end" and found["count"] == len(deleted)
     assert {k.rsplit(":", 1)[-1] for k in found["sample_keys"]} == deleted
-    assert _events(clean, run_id)[-1]["eventType"] == "FAIL"
+    events = _events(clean, run_id)
+    assert events[-1]["eventType"] == "FAIL"
+    # The model's own job run fails too, with the ledger's words, although dbt built it.
+    (model_end,) = [
+        e
+        for e in events
+        if e["job"]["name"] == "model.cdme_trading.int_trades_enriched" and e["eventType"] != "START"
+    ]
+    assert model_end["eventType"] == "FAIL"
+    assert model_end["run"]["facets"]["errorMessage"]["message"].startswith(
+        "CDME accounting: int_trades_enriched"
+    )
 
 
 @pytest.mark.parametrize("mode", ["key_derivable", "full"])
@@ -273,9 +289,11 @@ def test_a_deduplicating_union_is_unbalanced_and_failed_with_the_merged_keys(
     assert events[-1]["eventType"] == "FAIL"
     assert "fct_daily_positions" in events[-1]["run"]["facets"]["errorMessage"]["message"]
     assert events[-1]["run"]["facets"]["cdme_ledger"]["status"] == "UNBALANCED"
-    accounting = next(
-        e["run"]["facets"]["cdme_accounting"]
+    positions_end = next(
+        e
         for e in events
         if e["job"]["name"] == "model.cdme_trading.fct_daily_positions" and e["eventType"] != "START"
     )
+    assert positions_end["eventType"] == "FAIL"
+    accounting = positions_end["run"]["facets"]["cdme_accounting"]
     assert accounting["balanced"] is False and accounting["unaccounted"] == len(lost)

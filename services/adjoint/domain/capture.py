@@ -126,6 +126,28 @@ class Morphism:
         assert self.model.key is not None
         return f"select {key_sql_text(self.model.key.columns)} as k from {relation_of(self.model).sql()}"
 
+    def carried_key(self, *, single_driver: bool) -> str | None:
+        """The upstream key's encoding over the model's built relation, when every output key carries it.
+
+        For an identity (output key = upstream key) or a projection (the upstream key's columns are among the
+        output key's) with one driving upstream, the pairs are in the built relation itself: reading them there
+        needs no re-run of the model's logic, and a row deleted after the build is a key missing at this model.
+        """
+        assert self.upstream.key is not None and self.model.key is not None
+        columns = len(self.upstream.key.columns)
+        d = self.derivation
+        if not single_driver or not d.projects(columns):
+            return None
+        return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
+
+    def built_pairs_sql(self, carried: str) -> str:
+        """The (source_key, target_key) of every row of the built relation, given `carried_key`."""
+        assert self.model.key is not None
+        return (
+            f"select {carried} as source_key, {key_sql_text(self.model.key.columns)} as target_key "
+            f"from {relation_of(self.model).sql()}"
+        )
+
 
 @dataclass(frozen=True)
 class CapturePlan:
@@ -349,7 +371,7 @@ class _Capture:
             "create temp table _cdme_all_pairs (morphism_id integer, source_key text, target_key text) on commit drop",
         )
 
-    def morphism(self, m: Morphism) -> None:
+    def morphism(self, m: Morphism, *, single_driver: bool) -> None:
         cur, mid = self.cur, sql.Literal(m.morphism_id)
         mapped, filtered, errored = (_part(t, self.run_id) for t in PARTITIONED)
         _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest, _cdme_lost, _cdme_overlap")
@@ -357,7 +379,11 @@ class _Capture:
             cur,
             f"create temp table _cdme_in on commit drop as select distinct k from ({m.input_sql(self.epoch)}) i",
         )
-        _execute(cur, f"create temp table _cdme_mapped on commit drop as {m.mapped_sql}")
+        carried = m.carried_key(single_driver=single_driver)
+        pairs = (
+            m.mapped_sql if carried is None else f"select distinct * from ({m.built_pairs_sql(carried)}) b"
+        )
+        _execute(cur, f"create temp table _cdme_mapped on commit drop as {pairs}")
         if self.mode == "full":
             stored = sql.SQL("select {}, {}, source_key, target_key from _cdme_mapped").format(self.run, mid)
         elif self.mode == "summary":
@@ -505,20 +531,15 @@ class _Capture:
         inputs = self.envelope(m.input_sql(self.epoch))
         output = self.envelope(m.output_sql())
         identity = single_driver and d.is_identity(source_columns)
+        carried = m.carried_key(single_driver=single_driver)
         if identity:
             mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
             m.pairs_sql = f"select k as source_key, k as target_key from ({m.output_sql()}) o"
-        elif single_driver and d.projects(source_columns):
-            carried = key_sql_text(
-                [m.model.key.columns[d.passthrough.index(i)] for i in range(source_columns)]
-            )
+        elif carried is not None:
             mapped = self.tally(f"select {carried} as k from {relation_of(m.model).sql()} group by 1")
             pairs, targets = output["count"], output["count"]
-            m.pairs_sql = (
-                f"select {carried} as source_key, {key_sql_text(m.model.key.columns)} as target_key "
-                f"from {relation_of(m.model).sql()}"
-            )
+            m.pairs_sql = m.built_pairs_sql(carried)
         else:
             # When the digests balance, each source key reaches the output once: the rows are distinct pairs.
             m.pairs_sql = d.mapped_rows_sql
@@ -873,9 +894,10 @@ def capture(
             derived = job.accounted(plan.morphisms)
             if derived is None:
                 job.discard()
+                drivers = Counter(m.model.unique_id for m in plan.morphisms)
                 for m in plan.morphisms:
                     begun = time.perf_counter()
-                    job.morphism(m)
+                    job.morphism(m, single_driver=drivers[m.model.unique_id] == 1)
                     _log_morphism(run_id, m, time.perf_counter() - begun)
             elif lineage_mode != "key_derivable":
                 for m in plan.morphisms:

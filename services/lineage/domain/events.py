@@ -420,6 +420,13 @@ class _Builder:
             req=sorted(set(morphism.req) | set(_req(node))),
         )
 
+    def accounting_failure(self, unique_id: str) -> str | None:
+        """The ledger's discrepancies at a model, as one message; None when its accounting balanced."""
+        found = [d for d in (self.ctx.ledger or {}).get("discrepancies", []) if d["unique_id"] == unique_id]
+        if not found:
+            return None
+        return "CDME accounting: " + "; ".join(d["message"] for d in found)
+
     def adjoint_facet(self, unique_id: str) -> dict[str, Any] | None:
         morphism = self.by_morphism.get(unique_id)
         if morphism is None or self.ctx.partitions is None:
@@ -476,12 +483,16 @@ class _Builder:
         started, ended = _timings(result)
         started = started or self.ctx.started_at
         ended = ended or started
+        failure = result.message or f"dbt reported {result.status}"
         if result.status in _SUCCESS:
             final = "COMPLETE"
         elif result.status == "skipped":
             final = "ABORT"
         else:
             final = "FAIL"
+        if final == "COMPLETE" and (lost := self.accounting_failure(node.unique_id)) is not None:
+            # dbt built the model, but records went missing in it: the run's gate failed here, so does its job.
+            final, failure = "FAIL", lost
         run_id = node_run_id(self.ctx.run_id, node.unique_id)
         base_facets = {
             "parent": self.parent_facet(),
@@ -509,9 +520,7 @@ class _Builder:
             end_facets["test"] = end_test
         if final == "FAIL":
             end_facets["errorMessage"] = facet(
-                "ErrorMessageRunFacet",
-                message=result.message or f"dbt reported {result.status}",
-                programmingLanguage="sql",
+                "ErrorMessageRunFacet", message=failure, programmingLanguage="sql"
             )
         for key, value in (
             ("cdme_accounting", self.accounting_facet(node, result)),
