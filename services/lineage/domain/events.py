@@ -1,7 +1,8 @@
 """OpenLineage events of one CDME run, from dbt's artifacts, the adjoint's partitions and the ledger.
 
 One parent run (job `<project>.<target>`, run id = the CDME run id) gets START and COMPLETE or FAIL; every
-model, seed, snapshot and test dbt executed gets START and COMPLETE, FAIL or ABORT (skipped), its run id
+model, seed, snapshot and test dbt executed gets START and COMPLETE, FAIL or ABORT (skipped) (a model dbt
+built whose accounting the ledger finds unbalanced ends with FAIL and the discrepancies as its error), its run id
 derived from the parent's and the node's id so that finalizing twice yields the same events. Datasets are
 named per the OpenLineage naming spec for PostgreSQL: namespace `postgres://host:port`, name
 `database.schema.table`.
