@@ -631,6 +631,8 @@ class _Capture:
     def finish(self) -> None:
         for table in PARTITIONED:
             part = _part(table, self.run_id)
+            # Statistics first: an index build sizes its parallel workers from them, and has none without.
+            _execute(self.cur, sql.SQL("analyze {}").format(part))
             for suffix, columns in _INDEXES[table]:
                 _execute(
                     self.cur,
@@ -653,7 +655,6 @@ class _Capture:
                     sql.Identifier(SCHEMA), sql.Identifier(table), part, self.run
                 ),
             )
-            _execute(self.cur, sql.SQL("analyze {}").format(part))
 
 
 @dataclass(frozen=True)
