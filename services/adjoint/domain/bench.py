@@ -249,23 +249,21 @@ def run_adjoint_benchmark(
                 say("queries in the database")
                 with conn.cursor(row_factory=dict_row) as cur:
                     graph = queries.load_graph(cur, full, None)
-                edges = graph.visible_edges()
-                params = {
-                    **queries.edge_params(edges),
-                    **queries.producer_params(graph),
-                    "run": full,
-                    "to": None,
-                    "limit": queries.DEFAULT_LIMIT + 1,
-                    "offset": 0,
-                }
+                edges = queries.edge_params(graph.visible_edges())
                 enriched = graph.uid_of("int_trades_enriched")
                 monthly = graph.uid_of("fct_monthly_positions")
                 raw = graph.uid_of("raw_trading.trades")
-                hop = _walk(conn, queries._BACKWARD, {**params, "uid": enriched, "depth": 1}, "key")
-                to_raw = _walk(
-                    conn, queries._BACKWARD, {**params, "uid": monthly, "depth": 64, "to": raw}, "key"
+                page = {"to": None, "limit": queries.DEFAULT_LIMIT + 1, "offset": 0}
+                hop = _walk(
+                    conn, queries.backward_sql(1), {**queries.walk_params(graph, enriched, 1), **page}, "key"
                 )
-                impact_params = {k: params[k] for k in ("ids", "models", "ups", "identity", "run")}
+                to_raw = _walk(
+                    conn,
+                    queries.backward_sql(64),
+                    {**queries.walk_params(graph, monthly, 64), **page, "to": raw},
+                    "key",
+                )
+                impact_params = {**edges, "run": full}
                 forward = _walk(
                     conn,
                     queries._IMPACT,
