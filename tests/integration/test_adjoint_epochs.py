@@ -29,6 +29,7 @@ from services.core.migrations import migrate
 from services.core.warehouse import create_warehouse_engine
 from services.datagen.trading import GenerateRequest, generate
 from tests.conftest import PROJECT_DIR
+from tests.integration.test_adjoint_reference import accepted_trades
 from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES, FIRST_EPOCH, SEED
 
 pytestmark = pytest.mark.integration
@@ -64,28 +65,6 @@ def _capture(
     run_id = str(uuid.uuid4())
     capture(engine, run_id, epoch, mode, plan_capture(ldm, manifest, results))
     return run_id
-
-
-def _accepted_trades(url: str, epoch: date, book: str, currency: str) -> set[str]:
-    """The trades of `epoch` the pipeline accepts into `book`/`currency`, written against the raw tables."""
-    start = f"(date '{epoch}'::timestamp at time zone 'UTC')"
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            f"""
-            select t.trade_id from raw_trading.trades t
-            where t.epoch_date = %(epoch)s and t.status <> 'CANCELLED' and t.notional > 0
-              and upper(t.currency) in (select currency_code from raw_reference.currencies)
-              and exists (
-                  select 1 from raw_trading.counterparties c
-                  where c.counterparty_id = t.counterparty_id and c.valid_from <= {start}
-                    and t.trade_ts >= c.valid_from
-                    and c.version = (select max(v.version) from raw_trading.counterparties v
-                                     where v.counterparty_id = c.counterparty_id and v.valid_from <= {start}))
-              and t.book = %(book)s and upper(t.currency) = %(currency)s
-            """,
-            {"epoch": epoch, "book": book, "currency": currency},
-        ).fetchall()
-    return {r[0] for r in rows}
 
 
 def _walk(engine: Engine, run_id: str, key: str) -> dict[str, Any]:
@@ -124,8 +103,8 @@ def test_backward_from_a_monthly_key_follows_earlier_epochs_into_the_runs_that_b
                 "where days_reported = 2 order by trade_count desc limit 1"
             ).fetchone() or pytest.fail("no monthly position spans both epochs")
         key = f"{month}|{book}|{currency}"
-        earlier = _accepted_trades(url, FIRST_EPOCH, book, currency)
-        later = _accepted_trades(url, SECOND_EPOCH, book, currency)
+        earlier = accepted_trades(url, FIRST_EPOCH, book, currency)
+        later = accepted_trades(url, SECOND_EPOCH, book, currency)
         assert earlier and later
 
         for mode in ("full", "key_derivable"):

@@ -34,7 +34,6 @@ from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES,
 pytestmark = pytest.mark.integration
 
 TRADES = 3000
-EPOCH_START = f"(date '{FIRST_EPOCH}'::timestamp at time zone 'UTC')"
 
 
 @dataclass
@@ -88,6 +87,28 @@ def build_project(
     manifest = json.loads((target / "manifest.json").read_text())
     results = json.loads((target / "run_results.json").read_text())
     return manifest, results, report
+
+
+def accepted_trades(url: str, epoch: date, book: str, currency: str) -> set[str]:
+    """The trades of `epoch` the pipeline accepts into `book`/`currency`, written against the raw tables alone."""
+    start = f"(date '{epoch}'::timestamp at time zone 'UTC')"
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            f"""
+            select t.trade_id from raw_trading.trades t
+            where t.epoch_date = %(epoch)s and t.status <> 'CANCELLED' and t.notional > 0
+              and upper(t.currency) in (select currency_code from raw_reference.currencies)
+              and exists (
+                  select 1 from raw_trading.counterparties c
+                  where c.counterparty_id = t.counterparty_id and c.valid_from <= {start}
+                    and t.trade_ts >= c.valid_from
+                    and c.version = (select max(v.version) from raw_trading.counterparties v
+                                     where v.counterparty_id = c.counterparty_id and v.valid_from <= {start}))
+              and t.book = %(book)s and upper(t.currency) = %(currency)s
+            """,
+            {"epoch": epoch, "book": book, "currency": currency},
+        ).fetchall()
+    return {r[0] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -147,25 +168,8 @@ def test_backward_from_a_monthly_key_equals_a_hand_written_query_over_raw_tables
     month, book, currency = built.rows(
         "select month_start, book, currency_code from marts.fct_monthly_positions order by trade_count desc limit 1"
     )[0]
-    expected = {
-        r[0]
-        for r in built.rows(
-            f"""
-            select t.trade_id from raw_trading.trades t
-            where t.epoch_date = %(epoch)s and t.status <> 'CANCELLED' and t.notional > 0
-              and upper(t.currency) in (select currency_code from raw_reference.currencies)
-              and exists (
-                  select 1 from raw_trading.counterparties c
-                  where c.counterparty_id = t.counterparty_id and c.valid_from <= {EPOCH_START}
-                    and t.trade_ts >= c.valid_from
-                    and c.version = (select max(v.version) from raw_trading.counterparties v
-                                     where v.counterparty_id = c.counterparty_id and v.valid_from <= {EPOCH_START}))
-              and date_trunc('month', t.epoch_date)::date = %(month)s and t.book = %(book)s
-              and upper(t.currency) = %(currency)s
-            """,
-            {"epoch": FIRST_EPOCH, "month": month, "book": book, "currency": currency},
-        )
-    }
+    assert month == FIRST_EPOCH.replace(day=1)
+    expected = accepted_trades(built.url, FIRST_EPOCH, book, currency)
     assert len(expected) > 1
     key = f"{month}|{book}|{currency}"
     found: set[str] = set()

@@ -719,24 +719,30 @@ def _derived_fates(morphisms: list[Morphism]) -> list[dict[str, Any]] | None:
         found = fates(source.unique_id)
         if found is None:
             return None
-        assert source.key is not None
-        sources.append(
-            {
-                "source": source.name,
-                "unique_id": source.unique_id,
-                "relation": source.relation,
-                "key_fields": list(source.key.columns),
-                "input": m.stats["input"],
-                "fates": {
-                    "reached_output": found[0],
-                    "filtered": found[1],
-                    "errored": found[2],
-                    "unaccounted": m.stats["input"] - sum(found),
-                },
-                "unaccounted_samples": [],
-            }
-        )
+        sources.append(_source_fates(source, m.stats["input"], found, []))
     return sources
+
+
+def _source_fates(
+    source: Entity, total: int, fates: tuple[int, int, int], samples: list[str]
+) -> dict[str, Any]:
+    """A graph source's end-to-end accounting: its input keys by fate (reached, filtered, errored, neither)."""
+    assert source.key is not None
+    reached, filtered, errored = fates
+    return {
+        "source": source.name,
+        "unique_id": source.unique_id,
+        "relation": source.relation,
+        "key_fields": list(source.key.columns),
+        "input": total,
+        "fates": {
+            "reached_output": reached,
+            "filtered": filtered,
+            "errored": errored,
+            "unaccounted": total - reached - filtered - errored,
+        },
+        "unaccounted_samples": samples,
+    }
 
 
 def _log_morphism(run_id: str, m: Morphism, seconds: float) -> None:
@@ -839,23 +845,7 @@ def _fates(
             cur, sql.SQL("select k from _cdme_source_lost order by 1 limit {}").format(sql.Literal(SAMPLES))
         )
         samples = [r[0] for r in cur.fetchall()]
-        assert source.key is not None
-        sources.append(
-            {
-                "source": source.name,
-                "unique_id": source.unique_id,
-                "relation": source.relation,
-                "key_fields": list(source.key.columns),
-                "input": total,
-                "fates": {
-                    "reached_output": row[0],
-                    "filtered": row[1],
-                    "errored": row[2],
-                    "unaccounted": total - row[0] - row[1] - row[2],
-                },
-                "unaccounted_samples": samples,
-            }
-        )
+        sources.append(_source_fates(source, total, (row[0], row[1], row[2]), samples))
     return sources
 
 
