@@ -7,8 +7,6 @@ both runs: the walk follows the first day's daily keys into the run that produce
 
 from __future__ import annotations
 
-import json
-import secrets
 import uuid
 from collections.abc import Callable
 from datetime import date, timedelta
@@ -22,15 +20,13 @@ from sqlalchemy import Engine
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import capture, load_run_ldm, plan_capture
 from services.core.artifacts import parse_manifest, parse_run_results
-from services.core.dbt import first_failure, run_dbt
 from services.core.ldm import load_project_config
 from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
 from services.core.warehouse import create_warehouse_engine
-from services.datagen.trading import GenerateRequest, generate
 from tests.conftest import PROJECT_DIR
-from tests.integration.test_adjoint_reference import accepted_trades
-from tests.integration.test_reference_project import COUNTERPARTIES, CURRENCIES, FIRST_EPOCH, SEED
+from tests.integration.test_adjoint_reference import accepted_trades, build_project
+from tests.integration.test_reference_project import FIRST_EPOCH
 
 pytestmark = pytest.mark.integration
 
@@ -39,22 +35,8 @@ SECOND_EPOCH = FIRST_EPOCH + timedelta(days=1)
 
 
 def _build(url: str, epoch: date, target: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    generate(
-        url,
-        GenerateRequest(trades=TRADES, epoch=epoch, seed=SEED, counterparties=COUNTERPARTIES),
-        CURRENCIES,
-    )
-    invocation = run_dbt(
-        ["build", "--vars", json.dumps({"epoch_date": str(epoch)})],
-        project_dir=PROJECT_DIR,
-        target_path=target,
-        warehouse_url=url,
-        pepper=secrets.token_hex(16),
-    )
-    assert invocation.succeeded, first_failure(invocation)
-    return json.loads((target / "manifest.json").read_text()), json.loads(
-        (target / "run_results.json").read_text()
-    )
+    manifest, results, _report = build_project(url, PROJECT_DIR, target, epoch=epoch, trades=TRADES)
+    return manifest, results
 
 
 def _capture(

@@ -63,21 +63,27 @@ def capture_run(
 
 
 def build_project(
-    url: str, project_dir: Path, target: Path, prepare: Callable[[str], None] | None = None
+    url: str,
+    project_dir: Path,
+    target: Path,
+    prepare: Callable[[str], None] | None = None,
+    *,
+    epoch: date = FIRST_EPOCH,
+    trades: int = TRADES,
 ) -> tuple[dict[str, Any], dict[str, Any], GenerateReport]:
-    """Generate the first epoch's trades and `dbt build` `project_dir` into `url`; the run's artifacts.
+    """Generate an epoch's trades (the first) and `dbt build` `project_dir` into `url`; the run's artifacts.
 
     `prepare(url)`, if given, runs between the two (to shape the raw data a test needs).
     """
     report = generate(
         url,
-        GenerateRequest(trades=TRADES, epoch=FIRST_EPOCH, seed=SEED, counterparties=COUNTERPARTIES),
+        GenerateRequest(trades=trades, epoch=epoch, seed=SEED, counterparties=COUNTERPARTIES),
         CURRENCIES,
     )
     if prepare is not None:
         prepare(url)
     invocation = run_dbt(
-        ["build", "--vars", json.dumps({"epoch_date": str(FIRST_EPOCH)})],
+        ["build", "--vars", json.dumps({"epoch_date": str(epoch)})],
         project_dir=project_dir,
         target_path=target,
         warehouse_url=url,
