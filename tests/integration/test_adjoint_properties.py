@@ -25,6 +25,7 @@ from services.adjoint.domain.derive import derive
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import encode_key
 from services.core.ldm import Entity, RecordKey
+from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
 from services.core.warehouse import create_warehouse_engine
 
@@ -263,6 +264,45 @@ def test_enrich_routes_failures_to_the_sink_and_a_silent_drop_stays_unaccounted(
         assert (m["errored"], m["unaccounted"]["count"]) == (lost, 0)
     status = {r["model"]: r["status"] for r in queries.reconcile(db.engine, run_id)["morphisms"]}
     assert status["enr"] == ("violation" if inner and lost else "superset")
+
+
+@EXAMPLES
+@given(
+    today=st.sets(st.integers(1, 60), min_size=1, max_size=15),
+    earlier=st.sets(st.integers(1, 60), max_size=15),
+    mode=st.sampled_from(["full", "key_derivable"]),
+)
+def test_an_incremental_identity_model_accounts_only_this_runs_rows(
+    db: Db, today: set[int], earlier: set[int], mode: LineageMode
+) -> None:
+    # The model's table also holds an earlier epoch's rows (as an incremental model's does): they are not this
+    # run's output, and must not count as mapped, nor unbalance the run.
+    db.execute("drop schema if exists p cascade; create schema p")
+    rows = [(i, "2026-11-20") for i in sorted(today)] + [(i, "2026-11-19") for i in sorted(earlier)]
+    _load(db, {"src": ("id int, epoch_date date", rows)})
+    sql = "select id, epoch_date from p.src where epoch_date = date '2026-11-20'"
+    db.execute("create table p.inc (id int, epoch_date date)")
+    db.execute("insert into p.inc select id, epoch_date from p.src")
+    src = Entity(
+        **{**_entity("src", ["id", "epoch_date"], source=True).model_dump(), "epoch_column": "epoch_date"}
+    )
+    model = Entity(**{**_entity("inc", ["id", "epoch_date"]).model_dump(), "materialized": "incremental"})
+    derivation = derive(
+        sql, "inc", relation_of(src), ["id", "epoch_date"], ["id", "epoch_date"], relation_of(model)
+    )
+    run_id = str(uuid.uuid4())
+    capture(
+        db.engine,
+        run_id,
+        date(2026, 11, 20),
+        mode,
+        CapturePlan([Morphism(1, model, src, "iso", derivation, None)], []),
+    )
+    morphism = _morphism(db, run_id, "inc")
+    assert (morphism["input"], morphism["mapped"], morphism["output"]) == (len(today),) * 3
+    assert morphism["unaccounted"]["count"] == morphism["overlap"]["count"] == 0
+    (source,) = queries.partitions(db.engine, run_id)["sources"]
+    assert source["fates"] == {"reached_output": len(today), "filtered": 0, "errored": 0, "unaccounted": 0}
 
 
 @EXAMPLES

@@ -136,7 +136,8 @@ class Morphism:
         assert self.upstream.key is not None and self.model.key is not None
         columns = len(self.upstream.key.columns)
         d = self.derivation
-        if not single_driver or not d.projects(columns):
+        # An incremental model's relation also holds the rows of earlier runs: only its SQL tells this run's.
+        if not single_driver or not d.projects(columns) or self.model.materialized == "incremental":
             return None
         return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
 
@@ -530,8 +531,8 @@ class _Capture:
         source_columns = len(m.upstream.key.columns)
         inputs = self.envelope(m.input_sql(self.epoch))
         output = self.envelope(m.output_sql())
-        identity = single_driver and d.is_identity(source_columns)
         carried = m.carried_key(single_driver=single_driver)
+        identity = carried is not None and d.is_identity(source_columns)
         if identity:
             mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
