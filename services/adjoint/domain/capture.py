@@ -501,8 +501,8 @@ class _Capture:
         and filtered keys. Equal sums of 64-bit hashes over rows, not over distinct keys, prove (up to hash
         collisions) that the three partitions are disjoint and cover the input: a key mapped twice, or both
         mapped and errored, adds its hash twice. The mapped keys of a morphism whose output key carries the
-        upstream key unchanged are read from the built relation, which is also how rows deleted from it after
-        the build show up. Only the keys of filtered rows and the error sink's rows are written, as in any
+        upstream key unchanged (and that is not incremental) are read from the built relation, which is also
+        how rows deleted from it after the build show up. Only the keys of filtered rows and the error sink's rows are written, as in any
         mode; the caller falls back to the exact set-based capture when this returns None.
         """
         drivers = Counter(m.model.unique_id for m in morphisms)
