@@ -14,6 +14,12 @@ with an `epoch_column`):
 - filtered: input keys neither mapped nor errored whose rows fail an explicit predicate (first one failed);
 - unaccounted: input keys in none of the three; overlap: keys in two of them (both with samples).
 
+Accounting runs by digests first (`_Capture.accounted`): per morphism, the count and the sum of 64-bit hashes of
+the input keys must equal those of the mapped, errored and filtered keys, which takes a few scans and builds no
+key set. Only when a morphism does not balance that way is the run captured again with the key sets below,
+which name the unaccounted and overlapping keys; either way the accounting is the same (the property tests
+compare the two).
+
 Lineage modes: `full` stores every pair; `summary` stores the pairs of a deterministic hash sample of source
 keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts; `key_derivable` stores no
 pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an order-independent digest of
@@ -502,8 +508,9 @@ class _Capture:
         collisions) that the three partitions are disjoint and cover the input: a key mapped twice, or both
         mapped and errored, adds its hash twice. The mapped keys of a morphism whose output key carries the
         upstream key unchanged (and that is not incremental) are read from the built relation, which is also
-        how rows deleted from it after the build show up. Only the keys of filtered rows and the error sink's rows are written, as in any
-        mode; the caller falls back to the exact set-based capture when this returns None.
+        how rows deleted from it after the build show up. Only the keys of filtered rows and the error sink's
+        rows are written, as in any mode; the caller falls back to the exact set-based capture when this
+        returns None.
         """
         drivers = Counter(m.model.unique_id for m in morphisms)
         for m in morphisms:
