@@ -9,15 +9,15 @@ capturing twice yields the same rows, never duplicates, and a failed capture lea
 Per morphism (model M, driving upstream U), with `input` the keys of U (of the run's epoch, when U is a source
 with an `epoch_column`):
 
-- mapped: pairs (U key, M key) from the rewritten SQL;
+- mapped: pairs (U key, M key) from the rewritten SQL, or from M's built relation where M's key carries U's
+  unchanged and M is a table or view;
 - errored: the rows of M's declared error sink whose `source_entity` is U;
 - filtered: input keys neither mapped nor errored whose rows fail an explicit predicate (first one failed);
 - unaccounted: input keys in none of the three; overlap: keys in two of them (both with samples).
 
 Accounting runs by digests first (`_Capture.accounted`): per morphism, the count and the sum of 64-bit hashes of
 the input keys must equal those of the mapped, errored and filtered keys, which takes a few scans and builds no
-key set. Only when a morphism does not balance that way is the run captured again with the key sets below,
-which name the unaccounted and overlapping keys; either way the accounting is the same (the property tests
+key set. Only when a morphism does not balance that way is the run captured again with key sets, which name the unaccounted and overlapping keys; either way the accounting is the same (the property tests
 compare the two).
 
 Lineage modes: `full` stores every pair; `summary` stores the pairs of a deterministic hash sample of source
