@@ -267,6 +267,30 @@ def test_enrich_routes_failures_to_the_sink_and_a_silent_drop_stays_unaccounted(
 
 
 @EXAMPLES
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=20))
+def test_a_distinct_inside_a_cte_loses_the_rows_it_merges(db: Db, rows: list[tuple[int, int]]) -> None:
+    src = _entity("src", ["id"], source=True)
+    data = [(i, g, v) for i, (g, v) in enumerate(rows, start=1)]
+    model = Model(
+        "fold",
+        "with legs as (select distinct g, v from p.src) select g, sum(v) as total, count(*) as n from legs group by g",
+        ["g"],
+        "aggregate",
+        [src],
+    )
+    run_id = _run(db, {"src": ("id int, g int, v int", data)}, [model])
+    # Rows equal in (g, v) merge into one: the least id stays, the others reach no output and no partition.
+    kept: dict[tuple[int, int], int] = {}
+    for i, g, v in data:
+        kept.setdefault((g, v), i)
+    merged = {i for i, g, v in data if kept[(g, v)] != i}
+    assert _pairs(db, run_id, "fold") == {(_k(i), _k(g)) for (g, _v), i in kept.items()}
+    morphism = _morphism(db, run_id, "fold")
+    assert morphism["unaccounted"]["count"] == len(merged)
+    assert morphism["unaccounted"]["samples"] == sorted(_k(i) for i in merged)[:10]
+
+
+@EXAMPLES
 @given(
     today=st.sets(st.integers(1, 60), min_size=1, max_size=15),
     earlier=st.sets(st.integers(1, 60), max_size=15),

@@ -14,9 +14,9 @@ project the upstream key and the output key, drop the fold"):
 - other UNION branches are pruned (they carry other driving upstreams), except the other branch of a two-branch
   UNION below the root that reads the driving upstream in its FROM too (partitions of one upstream, `... where
   side = 'BUY' union ... where side = 'SELL'`): both carry the key, so the rows of either are mapped;
-- a UNION (not ALL) below the root merges rows equal in the model's columns: the rewrite redoes that merge
-  (`DISTINCT ON` those columns over the branches with their keys, the least key staying), so the keys it merged
-  are mapped nowhere and stay unaccounted, as the rows they lost;
+- a UNION (not ALL) or a SELECT DISTINCT below the root merges rows equal in the model's columns: the rewrite
+  redoes that merge (`DISTINCT ON` those columns over the rows with their keys, the least key staying), so the
+  keys it merged are mapped nowhere and stay unaccounted, as the rows they lost;
 - where the root's HAVING, LIMIT/OFFSET or DISTINCT decide which output rows exist, the pairs are semi-joined
   with the model's built relation, so a group or row that did not make it is never "mapped".
 
@@ -511,7 +511,7 @@ def _row_flags(
 
 
 def _merge_as_union_does(node: exp.Query, names: list[exp.Identifier], source_columns: int) -> None:
-    """Make a UNION (not ALL) on the row path keep one row per distinct output row, as the model's did.
+    """Make a UNION (not ALL) or a DISTINCT on the row path keep one row per distinct output row, as the model's did.
 
     The carried keys make every row distinct, so the rewrite would keep rows the model merged. Of the rows equal
     in the model's columns, the one of the least upstream key stays; the others' keys are mapped nowhere and
@@ -573,6 +573,8 @@ def _rewrite(
     filters: list[FilterCondition] = []
     # Indexes of HAVING conditions computed as columns one level down, for the next level to apply.
     held: list[int] = []
+    # Queries below the root whose DISTINCT the rewrite redoes over the model's own columns.
+    merges: list[tuple[exp.Query, list[exp.Identifier]]] = []
     for i, select in enumerate(path.selects):
         is_root = select is root
         if i == 0:
@@ -648,7 +650,15 @@ def _rewrite(
                 else:
                     carried.append(exp.alias_(condition, f"{_HAVING}{dropped.index}"))
                     held.append(dropped.index)
+            model_columns = [exp.to_identifier(p.alias_or_name) for p in select.expressions]
             select.set("expressions", [*select.expressions, *carried])
+            distinct = select.args.get("distinct")
+            if not flags and distinct is not None and not distinct.args.get("on"):
+                # The carried keys would keep apart the rows this DISTINCT merged: merge them as it did.
+                select.set("distinct", None)
+                merges.append((select, model_columns))
+    for query, names in merges:
+        _merge_as_union_does(query, names, len(source_key))
     if path.merge is not None and not flags:
         _merge_as_union_does(*path.merge, len(source_key))
     having_node = root.args.get("having")
