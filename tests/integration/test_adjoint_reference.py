@@ -201,6 +201,39 @@ def test_backward_from_a_monthly_key_equals_a_hand_written_query_over_raw_tables
     assert found == expected
 
 
+def test_a_page_read_through_an_identity_tail_equals_the_same_page_of_the_whole_walk(
+    built: Built, full_run: str
+) -> None:
+    # Backward to raw trades reads the first keys of each daily position from the index and copies them down the
+    # identity chain (enriched <- active <- stg <- raw); the same page must come out of walking everything.
+    (key,) = built.rows(
+        "select month_start || '|' || book || '|' || currency_code from marts.fct_monthly_positions "
+        "order by trade_count desc limit 1"
+    )[0]
+    whole = queries.backward(built.engine, "fct_monthly_positions", key, roles=None, limit=queries.MAX_LIMIT)
+    assert whole["next"] is None
+    expected = [c for c in whole["contributions"] if c["entity"] == "raw_trading.trades"]
+    for depth in (None, 5, 4):
+        pages: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = queries.backward(
+                built.engine,
+                "fct_monthly_positions",
+                key,
+                roles=None,
+                to="raw_trading.trades",
+                depth=depth,
+                limit=4,
+                cursor=cursor,
+            )
+            pages += page["contributions"]
+            cursor = page["next"]
+            if cursor is None:
+                break
+        assert pages == ([] if depth == 4 else expected), depth
+
+
 def test_backward_returns_records_and_respects_depth(built: Built, full_run: str) -> None:
     trade = built.rows("select trade_id from intermediate.int_trades_enriched order by trade_id limit 1")[0][
         0

@@ -253,16 +253,17 @@ def run_adjoint_benchmark(
                 enriched = graph.uid_of("int_trades_enriched")
                 monthly = graph.uid_of("fct_monthly_positions")
                 raw = graph.uid_of("raw_trading.trades")
-                page = {"to": None, "limit": queries.DEFAULT_LIMIT + 1, "offset": 0}
-                hop = _walk(
-                    conn, queries.backward_sql(1), {**queries.walk_params(graph, enriched, 1), **page}, "key"
-                )
-                to_raw = _walk(
-                    conn,
-                    queries.backward_sql(64),
-                    {**queries.walk_params(graph, monthly, 64), **page, "to": raw},
-                    "key",
-                )
+                walker = conn.cursor(row_factory=dict_row)
+
+                def walk(uid: str, to: str | None, depth: int) -> Callable[[str], Callable[[], list[Any]]]:
+                    def bind(key: str) -> Callable[[], list[Any]]:
+                        page = queries.DEFAULT_LIMIT + 1
+                        return lambda: queries.walk_run(walker, graph, uid, key, to, depth, page, 0)[0]
+
+                    return bind
+
+                hop = walk(enriched, None, 1)
+                to_raw = walk(monthly, raw, queries.MAX_DEPTH)
                 impact_params = {**edges, "run": full}
                 forward = _walk(
                     conn,
