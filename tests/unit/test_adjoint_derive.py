@@ -160,6 +160,23 @@ def test_an_explode_join_keeps_the_join() -> None:
             "id",
             "HAVING clause in one branch of a UNION",
         ),
+        (
+            "with g as (select distinct acct, sum(v) as total from s.src group by acct) select acct, total from g",
+            "acct",
+            "DISTINCT over the result of a GROUP BY",
+        ),
+        (
+            "with u as (select acct, sum(v) as total from s.src group by acct union select acct, 0 from s.other) "
+            "select acct, total from u",
+            "acct",
+            "UNION over the result of a GROUP BY",
+        ),
+        ("with d as (select distinct * from s.src) select g, sum(v) as t from d group by g", "g", "star"),
+        (
+            "with g as (select acct, count(distinct t) as n from s.src group by acct) select acct, n from g",
+            "acct",
+            "has no window form",
+        ),
     ],
 )
 def test_what_the_rewrite_cannot_follow_is_an_error_naming_the_model(

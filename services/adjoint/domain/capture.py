@@ -105,6 +105,9 @@ class Morphism:
     stats: dict[str, Any] = field(default_factory=dict)
     # Where digest accounting reads the pairs from (the built relation for identities and projections).
     pairs_sql: str = ""
+    # Whether a uniqueness test on the upstream's (the model's) record key passed in this run.
+    upstream_unique: bool = False
+    model_unique: bool = False
 
     @property
     def mapped_sql(self) -> str:
@@ -142,8 +145,17 @@ class Morphism:
         assert self.upstream.key is not None and self.model.key is not None
         columns = len(self.upstream.key.columns)
         d = self.derivation
-        # An incremental model's relation also holds the rows of earlier runs: only its SQL tells this run's.
-        if not single_driver or not d.projects(columns) or self.model.materialized == "incremental":
+        lookups = {lookup.entity for lookup in self.model.lookups}
+        # Rows of other driving upstreams (a union, even one whose other branches were not captured) are in the
+        # relation too, and an incremental model's relation also holds earlier runs' rows: only the SQL tells.
+        drivers = [u for u in self.model.upstreams if u not in lookups]
+        if (
+            not single_driver
+            or len(drivers) > 1
+            or "union" in (self.model.kind, d.inferred_kind)
+            or self.model.materialized == "incremental"
+            or not d.projects(columns)
+        ):
             return None
         return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
 
@@ -188,6 +200,7 @@ def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> Captu
         The morphisms to capture (in dependency order) and the models left out with the reason.
     """
     statuses = {r.unique_id: r.status for r in run_results.results}
+    unique = _proven_unique(ldm, manifest, statuses)
     morphisms: list[Morphism] = []
     not_captured: list[NotCaptured] = []
     models = [e for e in ldm if e.resource_type == "model" and not e.is_error_sink]
@@ -239,8 +252,36 @@ def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> Captu
                 not_captured.append(NotCaptured(entity.unique_id, str(e)))
                 continue
             kind = entity.kind or derivation.inferred_kind
-            morphisms.append(Morphism(len(morphisms) + 1, entity, upstream, kind, derivation, sink))
+            morphism = Morphism(len(morphisms) + 1, entity, upstream, kind, derivation, sink)
+            morphism.upstream_unique = upstream.unique_id in unique
+            morphism.model_unique = entity.unique_id in unique
+            morphisms.append(morphism)
     return CapturePlan(morphisms, not_captured)
+
+
+_UNIQUENESS_TESTS = frozenset({"unique", "unique_combination_of_columns"})
+
+
+def _proven_unique(ldm: Ldm, manifest: Manifest, statuses: Mapping[str, str]) -> set[str]:
+    """The entities whose record key a uniqueness test (on it or on a part of it) passed in this run."""
+    proven: set[str] = set()
+    by_id = {e.unique_id: e for e in ldm}
+    for node in manifest.nodes.values():
+        meta = node.test_metadata
+        if meta is None or meta.name not in _UNIQUENESS_TESTS or statuses.get(node.unique_id) != "pass":
+            continue
+        entity = by_id.get(node.tested_node or "")
+        if entity is None or entity.key is None:
+            continue
+        columns = (
+            [node.column_name or meta.arguments.get("column_name")]
+            if meta.name == "unique"
+            else meta.arguments.get("combination_of_columns") or []
+        )
+        tested = {str(c).lower() for c in columns if c}
+        if tested and tested <= set(entity.key.columns):
+            proven.add(entity.unique_id)
+    return proven
 
 
 def _model_order(manifest: Manifest) -> list[str]:
@@ -458,9 +499,9 @@ class _Capture:
         stats["output"] = _scalar(
             cur, "select count(*) from (select target_key from _cdme_mapped group by 1) k"
         )
-        stats["identity"] = stats["pairs"] == stats["mapped"] == stats["output"] and not _scalar(
-            cur, "select exists (select 1 from _cdme_mapped where source_key <> target_key)"
-        )
+        # Only an identity the SQL guarantees: data that happens to map keys to themselves may not next run.
+        assert m.upstream.key is not None
+        stats["identity"] = carried is not None and m.derivation.is_identity(len(m.upstream.key.columns))
         stats["errored"] = _scalar(
             cur, sql.SQL("select count(distinct source_key) from ({}) e").format(errored_keys)
         )
@@ -537,6 +578,12 @@ class _Capture:
             return False
         source_columns = len(m.upstream.key.columns)
         inputs = self.envelope(m.input_sql(self.epoch))
+        # Digests sum over rows: a key on two input rows could be mapped by one and errored by the other and
+        # still balance. Without a passing uniqueness test on the upstream's key, count its distinct keys.
+        if not m.upstream_unique and self.row(
+            f"select count(*) from (select k from ({m.input_sql(self.epoch)}) i group by k) d"
+        ) != (inputs["count"],):
+            return False
         output = self.envelope(m.output_sql())
         carried = m.carried_key(single_driver=single_driver)
         identity = carried is not None and d.is_identity(source_columns)
@@ -547,15 +594,23 @@ class _Capture:
         elif carried is not None:
             mapped = self.tally(f"select {carried} as k from {relation_of(m.model).sql()} group by 1")
             pairs, targets = output["count"], output["count"]
+            # Rows of the built relation may repeat a pair unless a test proved the model's key unique.
             m.pairs_sql = m.built_pairs_sql(carried)
+            if not m.model_unique:
+                m.pairs_sql = f"select distinct * from ({m.pairs_sql}) p"
         else:
             # When the digests balance, each source key reaches the output once: the rows are distinct pairs.
             m.pairs_sql = d.mapped_rows_sql
+            # The SQL re-derives the output keys: each must be in the built relation, or a record went missing
+            # after the build (then only the key sets, followed downstream, can tell where).
             row = self.row(
-                "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*) from (select target_key, "
+                "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*), count(*) filter (where not "
+                f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)) from (select target_key, "
                 f"count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({d.mapped_rows_sql}) r "
                 "group by target_key) g"
             )
+            if row[3]:
+                return False
             mapped, pairs, targets = Tally(int(row[0]), int(row[1])), int(row[0]), int(row[2])
         mid = sql.Literal(m.morphism_id)
         filtered_part, errored_part = _part("filtered", self.run_id), _part("errored", self.run_id)

@@ -342,6 +342,15 @@ def _aggregates_in(expression: exp.Expr) -> list[exp.AggFunc]:
     return found
 
 
+def _inside(node: exp.Expr, ancestor: exp.Expr) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if parent is ancestor:
+            return True
+        parent = parent.parent
+    return node is ancestor
+
+
 def _keep_rows(select: exp.Select, passing: exp.Expr | None = None) -> exp.Expr | None:
     """Turn an intermediate GROUP BY into window aggregates, so the query keeps one row per input row.
 
@@ -358,6 +367,10 @@ def _keep_rows(select: exp.Select, passing: exp.Expr | None = None) -> exp.Expr 
 
     def windowed(expression: exp.Expr) -> None:
         for agg in _aggregates_in(expression):
+            # PostgreSQL has no DISTINCT, ORDER BY or WITHIN GROUP in a window aggregate.
+            if agg.find(exp.Distinct, exp.Order) or isinstance(agg.parent, exp.WithinGroup):
+                msg = f"the aggregate {agg.sql(dialect=DIALECT)} in a GROUP BY on the row path has no window form"
+                raise DerivationError(msg)
             agg.replace(exp.Window(this=agg.copy(), partition_by=[g.copy() for g in groups]))
 
     having_node = select.args.get("having")
@@ -575,6 +588,8 @@ def _rewrite(
     held: list[int] = []
     # Queries below the root whose DISTINCT the rewrite redoes over the model's own columns.
     merges: list[tuple[exp.Query, list[exp.Identifier]]] = []
+    # Queries on the row path whose GROUP BY became windows.
+    windowed: list[exp.Select] = []
     for i, select in enumerate(path.selects):
         is_root = select is root
         if i == 0:
@@ -637,6 +652,9 @@ def _rewrite(
             dropped = _having_filter(select, len(filters))
             flagged = [c.this.copy() for c in carried if c.alias.startswith(_FLAG)]
             passing = exp.paren(exp.and_(*flagged)) if flagged else None
+            model_columns = _output_names(select)
+            if select.args.get("group") is not None:
+                windowed.append(select)
             if (
                 select.args.get("group") is not None
                 and (condition := _keep_rows(select, passing)) is not None
@@ -650,16 +668,28 @@ def _rewrite(
                 else:
                     carried.append(exp.alias_(condition, f"{_HAVING}{dropped.index}"))
                     held.append(dropped.index)
-            model_columns = [exp.to_identifier(p.alias_or_name) for p in select.expressions]
             select.set("expressions", [*select.expressions, *carried])
             distinct = select.args.get("distinct")
             if not flags and distinct is not None and not distinct.args.get("on"):
-                # The carried keys would keep apart the rows this DISTINCT merged: merge them as it did.
+                # The carried keys would keep apart the rows this DISTINCT merged: merge them as it did. A GROUP
+                # BY at or below it keeps one row per input row now, which such a merge would collapse.
+                if windowed:
+                    msg = "a DISTINCT over the result of a GROUP BY on the row path is not supported"
+                    raise DerivationError(msg)
+                if model_columns is None or len({n.this.lower() for n in model_columns}) != len(
+                    model_columns
+                ):
+                    msg = "a DISTINCT on the row path over a star or unnamed or repeated columns is not supported"
+                    raise DerivationError(msg)
                 select.set("distinct", None)
                 merges.append((select, model_columns))
     for query, names in merges:
         _merge_as_union_does(query, names, len(source_key))
     if path.merge is not None and not flags:
+        node = path.merge[0]
+        if any(_inside(w, node) for w in windowed):
+            msg = "a UNION over the result of a GROUP BY on the row path is not supported"
+            raise DerivationError(msg)
         _merge_as_union_does(*path.merge, len(source_key))
     having_node = root.args.get("having")
     having = having_node.this.copy() if having_node is not None else None

@@ -436,7 +436,7 @@ def backward(
         `{run_id, model, key, key_encoding, contributions: [{entity, unique_id, key, depth, path, run_id,
         record?}], unresolved: [{entity, unique_id, key, path, reason}], next}`, ordered by depth, entity and
         key. A key the walk reaches at a model this run did not produce (an incremental model's earlier epochs)
-        is followed into the latest earlier run that captured it in `full` or `summary` mode (its contributions
+        is followed into the latest earlier run (by epoch) that captured it in `full` mode (its contributions
         carry that run's id); where no such run holds it, it is listed in `unresolved`, so a partial answer
         never passes for a whole one.
 
@@ -456,12 +456,10 @@ def backward(
             _check_key(cur, graph, graph.visible_edges(), uid, key)
         rows, stranded = walk_run(cur, graph, uid, key, target, max_depth, limit + 1, offset)
         unresolved: list[_Row] = []
-        if stranded:
+        # A summary run stores a sample of pairs: a key without any is unsampled, not produced elsewhere.
+        if stranded and graph.lineage_mode != "summary":
             rows, unresolved = _walk_across_runs(cur, graph, roles, uid, key, target, max_depth, names)
             rows = rows[offset : offset + limit + 1]
-        elif graph.lineage_mode == "key_derivable" and not rows and offset == 0:
-            msg = f"key {key!r} of {graph.names[uid]} has no contributing records in run {graph.run_id}"
-            raise NotFoundError(msg)
         more = len(rows) > limit
         rows = rows[:limit]
         contributions = [
@@ -491,7 +489,7 @@ def backward(
                 "unique_id": u,
                 "key": k,
                 "path": [names[p] for p in path],
-                "reason": f"no run captured in full or summary mode before {run} produced it",
+                "reason": f"no run captured in full mode before {run} produced it",
             }
             for u, k, path, _d, run in unresolved
         ],
@@ -685,14 +683,14 @@ def _walk_across_runs(
 
 
 def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str) -> str | None:
-    """The latest run captured before `later_than`, with its pairs stored, in which `key` of `uid` was produced."""
+    """The latest full run before `later_than` (by epoch, then capture time) in which `key` of `uid` was produced."""
     cur.execute(
         "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
-        "where o.unique_id = %(uid)s and r.lineage_mode <> 'key_derivable' "
-        "and r.captured_at < (select captured_at from cdme_adjoint.runs where run_id = %(run)s) "
+        "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
+        "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
         "and exists (select 1 from cdme_adjoint.mapped x where x.run_id = o.run_id "
         "and x.morphism_id = o.morphism_id and x.target_key = %(k)s) "
-        "order by r.captured_at desc limit 1",
+        "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
     )
     row = cur.fetchone()
@@ -781,7 +779,8 @@ def _backward_derived(
     out: list[tuple[str, str, list[str], int]] = []
     stranded: list[tuple[str, str, list[str], int]] = []
     verified: set[int] = set()
-    producers = {e.unique_id for e in graph.edges}
+    # Visible producers only: a key a hidden morphism produced stops here, as the SQL walk's would.
+    producers = {e.unique_id for e in edges}
     for level in range(1, max_depth + 1):
         step: dict[tuple[str, str], list[str]] = {}
         reached: set[tuple[str, str]] = set()
@@ -808,6 +807,9 @@ def _backward_derived(
             if u in producers and (u, k) not in reached and level > 1
         ]
         if not step:
+            if level == 1:
+                msg = f"key {key!r} of {graph.names[uid]} has no contributing records in run {graph.run_id}"
+                raise NotFoundError(msg)
             break
         out.extend((u, k, p, level) for (u, k), p in step.items() if target is None or u == target)
         frontier = step

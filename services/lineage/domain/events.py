@@ -65,6 +65,8 @@ _FACET_VERSIONS = {
 _JOB_TYPES = {"model": "MODEL", "seed": "SEED", "snapshot": "SNAPSHOT", "test": "TEST"}
 _SUCCESS = frozenset({"success", "pass", "warn"})
 _FAILURE = frozenset({"error", "fail", "runtime error"})
+# The ledger's checks of one model's own accounting (end-to-end checks name the source, not where keys went).
+_MORPHISM_CHECKS = frozenset({"conservation", "exclusivity", "completeness"})
 # Run ids of node runs are UUIDv5 of the parent run id and node id: stable across finalize retries.
 _NODE_RUN_NAMESPACE = uuid.UUID("6f0d1c2e-8f3a-5b7e-9a41-2c3d4e5f6a7b")
 
@@ -423,7 +425,11 @@ class _Builder:
 
     def accounting_failure(self, unique_id: str) -> str | None:
         """The ledger's discrepancies at a model, as one message; None when its accounting balanced."""
-        found = [d for d in (self.ctx.ledger or {}).get("discrepancies", []) if d["unique_id"] == unique_id]
+        found = [
+            d
+            for d in (self.ctx.ledger or {}).get("discrepancies", [])
+            if d["unique_id"] == unique_id and d["check"] in _MORPHISM_CHECKS
+        ]
         if not found:
             return None
         return "CDME accounting: " + "; ".join(d["message"] for d in found)
