@@ -32,7 +32,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -174,6 +173,10 @@ class CapturePlan:
 
     morphisms: list[Morphism]
     not_captured: list[NotCaptured]
+
+    def single_driver(self, m: Morphism) -> bool:
+        """Whether `m` is the only captured morphism into its model (a union has one per captured branch)."""
+        return sum(1 for other in self.morphisms if other.model.unique_id == m.model.unique_id) == 1
 
 
 @dataclass(frozen=True)
@@ -541,7 +544,7 @@ class _Capture:
             self.envelopes[keys_sql] = _envelope(self.cur, keys_sql)
         return self.envelopes[keys_sql]
 
-    def accounted(self, morphisms: list[Morphism]) -> list[dict[str, Any]] | None:
+    def accounted(self, plan: CapturePlan) -> list[dict[str, Any]] | None:
         """Account every morphism by digests instead of key sets, or None where that cannot prove balance.
 
         For each morphism, the count and digest of the input must equal the sums of those of the mapped, errored
@@ -553,17 +556,16 @@ class _Capture:
         rows are written, as in any mode; the caller falls back to the exact set-based capture when this
         returns None.
         """
-        drivers = Counter(m.model.unique_id for m in morphisms)
-        for m in morphisms:
+        for m in plan.morphisms:
             begun = time.perf_counter()
-            if not self.account(m, single_driver=drivers[m.model.unique_id] == 1):
+            if not self.account(m, single_driver=plan.single_driver(m)):
                 logger.info(
                     "digest accounting does not balance; capturing key sets",
                     extra={"run_id": self.run_id, "model": m.model.name, "upstream": m.upstream.name},
                 )
                 return None
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
-        sources = _derived_fates(morphisms)
+        sources = _derived_fates(plan)
         if sources is None:
             logger.info(
                 "end-to-end fates need key sets in this graph; capturing key sets",
@@ -731,7 +733,7 @@ class Tally:
         return Tally(self.count - other.count, self.digest - other.digest)
 
 
-def _derived_fates(morphisms: list[Morphism]) -> list[dict[str, Any]] | None:
+def _derived_fates(plan: CapturePlan) -> list[dict[str, Any]] | None:
     """End-to-end fates from balanced morphisms' counts alone, where the graph's shape makes them exact.
 
     A model that no captured morphism reads is an output. Every key of an entity reaches an output when one of
@@ -740,10 +742,10 @@ def _derived_fates(morphisms: list[Morphism]) -> list[dict[str, Any]] | None:
     identity (each output key is its upstream key) into a model with that one driver, the fates of the model's
     keys. Any other shape returns None, and capture computes fates key by key.
     """
+    morphisms = plan.morphisms
     downstream: dict[str, list[Morphism]] = {}
     for m in morphisms:
         downstream.setdefault(m.upstream.unique_id, []).append(m)
-    drivers = Counter(m.model.unique_id for m in morphisms)
     reaches: dict[str, bool] = {}
 
     def reach_all(uid: str) -> bool:
@@ -766,7 +768,7 @@ def _derived_fates(morphisms: list[Morphism]) -> list[dict[str, Any]] | None:
         s = m.stats
         if reach_all(m.model.unique_id):
             return (s["mapped"], s["filtered"], s["errored"])
-        if not (s["identity"] and drivers[m.model.unique_id] == 1):
+        if not (s["identity"] and plan.single_driver(m)):
             return None
         below = fates(m.model.unique_id)
         if below is None:
@@ -945,13 +947,12 @@ def capture(
             job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
             job.prepare()
             # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
-            derived = job.accounted(plan.morphisms)
+            derived = job.accounted(plan)
             if derived is None:
                 job.discard()
-                drivers = Counter(m.model.unique_id for m in plan.morphisms)
                 for m in plan.morphisms:
                     begun = time.perf_counter()
-                    job.morphism(m, single_driver=drivers[m.model.unique_id] == 1)
+                    job.morphism(m, single_driver=plan.single_driver(m))
                     _log_morphism(run_id, m, time.perf_counter() - begun)
             elif lineage_mode != "key_derivable":
                 for m in plan.morphisms:
@@ -1011,7 +1012,6 @@ def _store_run(
             json.dumps([{"unique_id": n.unique_id, "reason": n.reason} for n in plan.not_captured]),
         ),
     )
-    drivers = Counter(m.model.unique_id for m in plan.morphisms)
     for m in plan.morphisms:
         assert m.upstream.key is not None and m.model.key is not None
         filters = [
@@ -1053,7 +1053,7 @@ def _store_run(
                 m.output_sql(),
                 json.dumps(s.get("envelopes")) if s.get("envelopes") else None,
                 # With several driving upstreams (a union) an output key need not come from this one.
-                s["identity"] and drivers[m.model.unique_id] == 1,
+                s["identity"] and plan.single_driver(m),
             ),
         )
     for src in sources:

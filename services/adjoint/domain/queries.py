@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,16 @@ class RunGraph:
                 return uid
         msg = f"no captured model or source named {name!r} in run {self.run_id}"
         raise NotFoundError(msg)
+
+    @property
+    def producers(self) -> list[Edge]:
+        """The morphisms that produce a model's keys by a lookup, not as copies (hidden ones included)."""
+        return [e for e in self.edges if not e.identity]
+
+    @property
+    def producer_models(self) -> set[str]:
+        """The models some non-identity morphism of the run produces."""
+        return {e.unique_id for e in self.producers}
 
     def visible_edges(self) -> list[Edge]:
         """Edges whose model and upstream are both visible."""
@@ -374,9 +384,14 @@ def backward_sql(max_depth: int) -> str:
     return _ONE_HOP if max_depth == 1 else _BACKWARD
 
 
-def walk_params(graph: RunGraph, uid: str, max_depth: int) -> dict[str, Any]:
-    """The bind parameters of `backward_sql(max_depth)` from `uid`, but for the key, `to` and the page."""
-    edges = graph.visible_edges()
+def walk_params(
+    graph: RunGraph, uid: str, max_depth: int, edges: Sequence[Edge] | None = None
+) -> dict[str, Any]:
+    """The bind parameters of `backward_sql(max_depth)` from `uid`, but for the key, `to` and the page.
+
+    `edges` narrows the walk to those morphisms (default: every visible one).
+    """
+    edges = graph.visible_edges() if edges is None else edges
     producers = producer_params(graph)
     if max_depth == 1:
         # One hop reads only the morphisms into `uid`: the smaller arrays are most of a 1 ms query's cost.
@@ -388,7 +403,7 @@ def walk_params(graph: RunGraph, uid: str, max_depth: int) -> dict[str, Any]:
 
 def producer_params(graph: RunGraph) -> dict[str, Any]:
     """The bind parameters naming the run's non-identity morphisms into each model (hidden ones included)."""
-    producers = [e for e in graph.edges if not e.identity]
+    producers = graph.producers
     return {
         "producer_models": [e.unique_id for e in producers],
         "producer_ids": [e.morphism_id for e in producers],
@@ -531,16 +546,20 @@ def walk_run(
         backward_sql(max_depth),
         {**walk_params(graph, uid, max_depth), "key": key, "to": target, "limit": limit, "offset": offset},
     )
-    rows = cur.fetchall()
+    return _walked(cur.fetchall(), run_id=graph.run_id)
+
+
+def _walked(rows: Sequence[Mapping[str, Any]], run_id: str) -> tuple[list[_Row], list[_Row]]:
+    """A walk query's rows: the contributions in page order, and the stranded keys."""
     # Sorted here too: UNION ALL keeps its branches' order only in practice.
     walked: list[_Row] = sorted(
-        ((r["uid"], r["k"], r["path"], r["depth"], graph.run_id) for r in rows if not r["stranded"]),
+        ((r["uid"], r["k"], r["path"], r["depth"], run_id) for r in rows if not r["stranded"]),
         key=lambda w: (w[3], w[0], w[1], w[2]),
     )
-    unproduced: list[_Row] = sorted(
-        (r["uid"], r["k"], r["path"], r["depth"], graph.run_id) for r in rows if r["stranded"]
+    stranded: list[_Row] = sorted(
+        (r["uid"], r["k"], r["path"], r["depth"], run_id) for r in rows if r["stranded"]
     )
-    return walked, unproduced
+    return walked, stranded
 
 
 def _identity_tail(graph: RunGraph, edges: Sequence[Edge], target: str) -> list[str] | None:
@@ -563,7 +582,7 @@ def _identity_tail(graph: RunGraph, edges: Sequence[Edge], target: str) -> list[
         if others or not reader.identity or len(drivers) != 1 or reader.unique_id in chain:
             break
         chain.insert(0, reader.unique_id)
-    if chain[0] in producer_params(graph)["producer_models"]:
+    if chain[0] in graph.producer_models:
         return None
     return chain
 
@@ -600,23 +619,11 @@ def _walk_into_tail(
     head, length = tail[0], len(tail) - 1
     above = [e for e in edges if e.upstream_unique_id != head]
     cur.execute(
-        _BACKWARD,
-        {
-            **edge_params(above),
-            **producer_params(graph),
-            "uid": uid,
-            "key": key,
-            "run": graph.run_id,
-            "depth": max_depth,
-            "to": None,
-            "limit": None,
-            "offset": 0,
-        },
+        backward_sql(max_depth),
+        {**walk_params(graph, uid, max_depth, above), "key": key, "to": None, "limit": None, "offset": 0},
     )
-    rows = cur.fetchall()
-    reached = [(uid, key, [uid], 0)] + [
-        (r["uid"], r["k"], r["path"], r["depth"]) for r in rows if not r["stranded"]
-    ]
+    walked, stranded = _walked(cur.fetchall(), graph.run_id)
+    reached = [(uid, key, [uid], 0), *((u, k, p, d) for u, k, p, d, _run in walked)]
     found: dict[tuple[str, tuple[str, ...]], int] = {}
     for e in (e for e in edges if e.upstream_unique_id == head):
         frontier = [(k, p, d) for u, k, p, d in reached if u == e.unique_id and d + 1 + length <= max_depth]
@@ -644,9 +651,6 @@ def _walk_into_tail(
     ordered = sorted(
         ((tail[-1], k, list(p), d, graph.run_id) for (k, p), d in found.items()),
         key=lambda w: (w[3], w[0], w[1], w[2]),
-    )
-    stranded: list[_Row] = sorted(
-        (r["uid"], r["k"], r["path"], r["depth"], graph.run_id) for r in rows if r["stranded"]
     )
     return ordered[offset : offset + limit], stranded
 

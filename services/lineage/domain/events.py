@@ -30,6 +30,7 @@ from typing import Any
 
 from services.core.artifacts import Catalog, Manifest, ManifestNode, NodeResult, RunResults, SourceDefinition
 from services.lineage.domain.columns import ModelLineage
+from services.lineage.domain.ledger import MORPHISM_CHECKS
 from services.lineage.domain.partitions import Partitions
 from services.lineage.domain.versions import cdme_version
 from services.validation.domain.analysis import RelationSchema
@@ -65,8 +66,6 @@ _FACET_VERSIONS = {
 _JOB_TYPES = {"model": "MODEL", "seed": "SEED", "snapshot": "SNAPSHOT", "test": "TEST"}
 _SUCCESS = frozenset({"success", "pass", "warn"})
 _FAILURE = frozenset({"error", "fail", "runtime error"})
-# The ledger's checks of one model's own accounting (end-to-end checks name the source, not where keys went).
-_MORPHISM_CHECKS = frozenset({"conservation", "exclusivity", "completeness"})
 # Run ids of node runs are UUIDv5 of the parent run id and node id: stable across finalize retries.
 _NODE_RUN_NAMESPACE = uuid.UUID("6f0d1c2e-8f3a-5b7e-9a41-2c3d4e5f6a7b")
 
@@ -428,7 +427,7 @@ class _Builder:
         found = [
             d
             for d in (self.ctx.ledger or {}).get("discrepancies", [])
-            if d["unique_id"] == unique_id and d["check"] in _MORPHISM_CHECKS
+            if d["unique_id"] == unique_id and d["check"] in MORPHISM_CHECKS
         ]
         if not found:
             return None

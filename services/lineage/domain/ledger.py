@@ -32,6 +32,8 @@ LEDGER_SCHEMA = Path(__file__).with_name("schemas") / "ledger.schema.json"
 MAX_SAMPLES = 10
 
 LedgerStatus = Literal["BALANCED", "UNBALANCED"]
+# The checks of one morphism's own accounting; `end_to_end` checks name a graph source instead.
+MORPHISM_CHECKS = frozenset({"conservation", "exclusivity", "completeness"})
 RunStatus = Literal["COMPLETE", "FAILED"]
 
 
