@@ -486,6 +486,45 @@ def test_explode_maps_each_parent_to_its_children(db: Db, rows: dict[int, set[in
     impact = queries.impact(db.engine, "src", [_k(i) for i in rows], roles=None, run_id=run_id)
     total = sum(len(a) for a in rows.values())
     assert [(a["model"], a["count"]) for a in impact["affected"]] == ([("exp", total)] if total else [])
+    for i, arr in rows.items():
+        for n in arr:
+            assert _backward(db, run_id, "exp", _k(i, n)) == {("src", _k(i))}
+
+
+@EXAMPLES
+@given(rows=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2), values), min_size=1, max_size=12))
+def test_pairs_whose_source_key_leads_the_target_key_are_found_both_ways(
+    db: Db, rows: list[tuple[int, int, int]]
+) -> None:
+    """A group's key may equal a member's key, or begin with it: the backward index leaves such pairs out."""
+    src = _entity("src", ["id"], source=True)
+    cp_entity = _entity("cp", ["id"])
+    data = [(i, g, h, v) for i, (g, h, v) in enumerate(rows, start=1)]
+    cp = Model("cp", "select id, g, h, v from p.src", ["id"], "iso", [src])
+    one = Model("one", "select g, sum(v) as total from p.cp group by g", ["g"], "aggregate", [cp_entity])
+    two = Model(
+        "two", "select g, h, sum(v) as total from p.cp group by g, h", ["g", "h"], "aggregate", [cp_entity]
+    )
+    run_id = _run(db, {"src": ("id int, g int, h int, v int", data)}, [cp, one, two])
+    groups: dict[str, dict[str, set[str]]] = {"one": {}, "two": {}}
+    for i, g, h, _ in data:
+        groups["one"].setdefault(_k(g), set()).add(_k(i))
+        groups["two"].setdefault(_k(g, h), set()).add(_k(i))
+    for model, members in groups.items():
+        assert _pairs(db, run_id, model) == {(k, target) for target, keys in members.items() for k in keys}
+        for target, keys in members.items():
+            assert _backward(db, run_id, model, target) == {(e, k) for k in keys for e in ("cp", "src")}
+            # Paged to the source: the first keys in key order, read through the identity `cp`.
+            page = queries.backward(db.engine, model, target, roles=None, run_id=run_id, to="src", limit=2)
+            assert [c["key"] for c in page["contributions"]] == sorted(keys)[:2]
+    affected = queries.impact(db.engine, "src", [_k(i) for i, *_ in data], roles=None, run_id=run_id)[
+        "affected"
+    ]
+    assert {a["model"]: a["count"] for a in affected} == {
+        "cp": len(data),
+        "one": len(groups["one"]),
+        "two": len(groups["two"]),
+    }
 
 
 @EXAMPLES

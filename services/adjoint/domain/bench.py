@@ -16,6 +16,7 @@ The figures, goals and machine are written to `benchmarks/results/adjoint.json`;
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -78,11 +79,18 @@ def _percentiles(seconds: Sequence[float]) -> dict[str, float]:
 def _timed(calls: Sequence[Callable[[], object]]) -> dict[str, float]:
     for call in calls[:20]:
         call()  # warm the plan cache and the connection
-    times = []
-    for call in calls:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    # As timeit does: a collection of the benchmark's own objects (a full one takes tens of milliseconds here) is
+    # not the latency of the query it happens to interrupt. The services freeze theirs after startup.
+    gc.collect()
+    gc.disable()
+    try:
+        times = []
+        for call in calls:
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     return _percentiles(times)
 
 

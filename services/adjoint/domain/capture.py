@@ -331,23 +331,33 @@ def _part(table: str, run_id: str) -> sql.Composed:
 
 
 def _columns_of(table: str) -> str:
+    """The columns a run's partition of `table` is loaded with: all of the table's but `run_id`.
+
+    `finish` adds `run_id` as a column with a default, which PostgreSQL keeps in the catalog instead of in each
+    row: a full run's 12.7 million pairs then write 470 MB less heap, and as much less WAL.
+    """
     return {
-        "mapped": "run_id text not null, morphism_id integer not null, source_key text not null, "
-        "target_key text not null",
-        "filtered": "run_id text not null, morphism_id integer not null, source_key text not null, "
-        "condition_index integer not null",
-        "errored": "run_id text not null, morphism_id integer not null, source_key text not null, "
+        "mapped": "morphism_id integer not null, source_key text not null, target_key text not null",
+        "filtered": "morphism_id integer not null, source_key text not null, condition_index integer not null",
+        "errored": "morphism_id integer not null, source_key text not null, "
         "failure_type text, offending_values jsonb, source_epoch date, morphism_path text[]",
     }[table]
 
 
-_INDEXES = {
+# A pair whose source key is its target key or the target key's leading components: an identity's or an explode's,
+# whose output key carries the input's. Such pairs are left out of the backward index: the target key's leading
+# components name their source keys, which the forward index finds (`queries.sources_of`).
+CARRIED = "(target_key = source_key or starts_with(target_key, source_key || '|'))"
+
+# As in migration 0003: lookups by key go through its 64-bit hash, whose integer sort builds the index in a third
+# of the time of the text's; the backward index keeps each target's source keys in order for paged walks.
+_INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "mapped": (
-        ("backward", "morphism_id, target_key, source_key"),
-        ("forward", "morphism_id, source_key, target_key"),
+        ("backward", "morphism_id, hashtextextended(target_key, 0), source_key", f"not {CARRIED}"),
+        ("forward", "morphism_id, hashtextextended(source_key, 0)", None),
     ),
-    "filtered": (("key", "morphism_id, source_key"),),
-    "errored": (("key", "morphism_id, source_key"),),
+    "filtered": (("key", "morphism_id, source_key", None),),
+    "errored": (("key", "morphism_id, source_key", None),),
 }
 
 
@@ -392,7 +402,7 @@ class _Capture:
 
     def prepare(self) -> None:
         # Capture is a handful of large hashes and sorts: give them memory instead of spilling to disk.
-        for name, value in (("work_mem", "256MB"), ("maintenance_work_mem", "512MB")):
+        for name, value in (("work_mem", "256MB"), ("maintenance_work_mem", "2GB")):
             _execute(
                 self.cur,
                 sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value)),
@@ -436,14 +446,12 @@ class _Capture:
         )
         _execute(cur, f"create temp table _cdme_mapped on commit drop as {pairs}")
         if self.mode == "full":
-            stored = sql.SQL("select {}, {}, source_key, target_key from _cdme_mapped").format(self.run, mid)
+            stored = sql.SQL("select {}, source_key, target_key from _cdme_mapped").format(mid)
         elif self.mode == "summary":
             stored = sql.SQL(
-                "select {}, {}, source_key, target_key from _cdme_mapped "
+                "select {}, source_key, target_key from _cdme_mapped "
                 "where abs(hashtextextended(source_key, 0)) % {} < {}"
-            ).format(
-                self.run, mid, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE))
-            )
+            ).format(mid, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE)))
         else:
             stored = None
         if stored is not None:
@@ -473,9 +481,9 @@ class _Capture:
             _execute(
                 cur,
                 sql.SQL(
-                    "insert into {} select {}, {}, p.source_key, min(p.condition) from ({}) p "
+                    "insert into {} select {}, p.source_key, min(p.condition) from ({}) p "
                     "join _cdme_rest r on r.k = p.source_key where p.condition is not null group by p.source_key"
-                ).format(filtered, self.run, mid, sql.SQL(m.derivation.prefilter_sql)),
+                ).format(filtered, mid, sql.SQL(m.derivation.prefilter_sql)),
             )
         _execute(
             cur,
@@ -632,10 +640,10 @@ class _Capture:
             _execute(
                 self.cur,
                 sql.SQL(
-                    "insert into {} select {}, {}, p.source_key, min(p.condition) from ({}) p "
+                    "insert into {} select {}, p.source_key, min(p.condition) from ({}) p "
                     "where p.condition is not null and not exists (select from {} e where e.morphism_id = {} "
                     "and e.source_key = p.source_key) group by p.source_key"
-                ).format(filtered_part, self.run, mid, sql.SQL(d.prefilter_sql), errored_part, mid),
+                ).format(filtered_part, mid, sql.SQL(d.prefilter_sql), errored_part, mid),
             )
             filtered = self.tally(
                 sql.SQL("select source_key as k from {} where morphism_id = {}")
@@ -663,8 +671,8 @@ class _Capture:
 
     def store_pairs(self, m: Morphism) -> None:
         """Write the pairs of a digest-accounted morphism: all of them, or summary mode's sample."""
-        statement = sql.SQL("insert into {} select {}, {}, source_key, target_key from ({}) p").format(
-            _part("mapped", self.run_id), self.run, sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
+        statement = sql.SQL("insert into {} select {}, source_key, target_key from ({}) p").format(
+            _part("mapped", self.run_id), sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
         )
         if self.mode == "summary":
             statement = sql.SQL("{} where abs(hashtextextended(source_key, 0)) % {} < {}").format(
@@ -677,11 +685,10 @@ class _Capture:
         _execute(
             self.cur,
             sql.SQL(
-                "insert into {} select {}, {}, source_key, failure_type, offending_values, source_epoch, "
+                "insert into {} select {}, source_key, failure_type, offending_values, source_epoch, "
                 "morphism_path from {} where source_entity = {}"
             ).format(
                 _part("errored", self.run_id),
-                self.run,
                 sql.Literal(m.morphism_id),
                 sql.SQL(relation_of(m.sink).sql()),
                 sql.Literal(m.upstream.name),
@@ -698,15 +705,23 @@ class _Capture:
             part = _part(table, self.run_id)
             # Statistics first: an index build sizes its parallel workers from them, and has none without.
             _execute(self.cur, sql.SQL("analyze {}").format(part))
-            for suffix, columns in _INDEXES[table]:
+            for suffix, columns, where in _INDEXES[table]:
                 _execute(
                     self.cur,
-                    sql.SQL("create index {} on {} ({})").format(
+                    sql.SQL("create index {} on {} ({}){}").format(
                         sql.Identifier(f"{partition_name(table, self.run_id)}_{suffix}"),
                         part,
                         sql.SQL(columns),
+                        sql.SQL("" if where is None else f" where {where}"),
                     ),
                 )
+            # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions.
+            _execute(self.cur, sql.SQL("analyze {}").format(part))
+            # A default that is not volatile is stored once in the catalog, not in the rows.
+            _execute(
+                self.cur,
+                sql.SQL("alter table {} add column run_id text not null default {}").format(part, self.run),
+            )
             # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
             _execute(
                 self.cur,

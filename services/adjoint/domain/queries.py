@@ -26,7 +26,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from sqlalchemy import Engine
 
-from services.adjoint.domain.capture import SAMPLES, SCHEMA, envelope_of, normalise_run_id
+from services.adjoint.domain.capture import CARRIED, SAMPLES, SCHEMA, envelope_of, normalise_run_id
 from services.adjoint.domain.errors import NotReconstructableError
 from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
 from services.core.errors import NotFoundError, UsageError
@@ -306,11 +306,41 @@ def _bounds(depth: int | None, limit: int) -> int:
     return depth or MAX_DEPTH
 
 
+def _keyed(column: str, value: str) -> str:
+    """`column = value` for a key column of `mapped`, in the form its indexes answer (migration 0003).
+
+    The indexes hold the key's 64-bit hash: the hash finds the rows, the text comparison keeps only the key's own
+    (a collision costs a row read, never a wrong answer).
+    """
+    return f"hashtextextended({column}, 0) = hashtextextended({value}, 0) and {column} = {value}"
+
+
+def _sources_of(run: str, morphism: str, target: str, when: str = "true", first: str | None = None) -> str:
+    """A subquery (column `source_key`) of the source keys `morphism` of `run` maps to the key `target`.
+
+    Pairs that carry their source key in the target key (`capture.CARRIED`) are not in the backward index: their
+    source key is one of the target key's leading components, each looked up in the forward index. `when` is a
+    condition on the outer query that gates both lookups. (`CARRIED` names the columns of `x`, the only relation
+    in its scope, unqualified: the partial index's predicate must read the same.) With `first`, only the first
+    `first` source keys in key order: the backward index reads them in order, and the carried ones are few.
+    """
+    prefix = f"array_to_string((string_to_array({target}, '|'))[1:c.n], '|')"
+    ordered = "" if first is None else f" order by x.source_key limit {first}"
+    return (
+        f"((select x.source_key from cdme_adjoint.mapped x where {when} and x.run_id = {run} "
+        f"and x.morphism_id = {morphism} and {_keyed('x.target_key', target)} and not {CARRIED}{ordered}) "
+        "union all "
+        f"(select x.source_key from generate_series(1, cardinality(string_to_array({target}, '|'))) as c(n) "
+        f"join cdme_adjoint.mapped x on x.run_id = {run} and x.morphism_id = {morphism} "
+        f"and {_keyed('x.source_key', prefix)} and x.target_key = {target} where {when}))"
+    )
+
+
 # Backward through an identity morphism (every pair is (k, k)) needs no lookup: each output row of a model has
 # its driving input row, so the key it reached is the key upstream. Besides the page (`stranded` false, in
 # order), the query returns the keys the walk reached at a model that no morphism of this run produced (an
 # incremental model's rows of earlier epochs): the caller follows them into the runs that did.
-_BACKWARD = """
+_BACKWARD = f"""
 with recursive walk(uid, k, path, depth) as (
     select %(uid)s::text, %(key)s::text, array[%(uid)s::text], 0
   union all
@@ -321,8 +351,7 @@ with recursive walk(uid, k, path, depth) as (
     cross join lateral (
         select w.k as source_key where e.identity
       union all
-        select x.source_key from cdme_adjoint.mapped x
-        where not e.identity and x.run_id = %(run)s and x.morphism_id = e.id and x.target_key = w.k
+        select s.source_key from {_sources_of("%(run)s", "e.id", "w.k", "not e.identity")} s
     ) m
     where w.depth < %(depth)s
 ),
@@ -336,21 +365,20 @@ union all
 select distinct w.uid, w.k, w.path, w.depth, true from walk w
 where w.depth < %(depth)s and w.uid = any(%(producer_models)s::text[]) and not exists (
     select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[]) as p(model, id)
-    join cdme_adjoint.mapped x on x.run_id = %(run)s and x.morphism_id = p.id and x.target_key = w.k
+    cross join lateral {_sources_of("%(run)s", "p.id", "w.k")} s
     where p.model = w.uid
 )
 """
 
 # One hop needs no recursion: the start key's contributions through each morphism into the model, and the start key
 # itself when no morphism of the run produced it. The most frequent interactive question, so the cheapest plan.
-_ONE_HOP = """
+_ONE_HOP = f"""
 (select e.up as uid, m.source_key as k, array[%(uid)s::text, e.up] as path, 1 as depth, false as stranded
 from unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[]) as e(id, model, up, identity)
 cross join lateral (
     select %(key)s::text as source_key where e.identity
   union all
-    select x.source_key from cdme_adjoint.mapped x
-    where not e.identity and x.run_id = %(run)s and x.morphism_id = e.id and x.target_key = %(key)s
+    select s.source_key from {_sources_of("%(run)s", "e.id", "%(key)s", "not e.identity")} s
 ) m
 where e.model = %(uid)s and (%(to)s::text is null or e.up = %(to)s)
 order by uid, k, path
@@ -359,19 +387,19 @@ union all
 select %(uid)s, %(key)s, array[%(uid)s::text], 0, true
 where %(uid)s = any(%(producer_models)s::text[]) and not exists (
     select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[]) as p(model, id)
-    join cdme_adjoint.mapped x on x.run_id = %(run)s and x.morphism_id = p.id and x.target_key = %(key)s
+    cross join lateral {_sources_of("%(run)s", "p.id", "%(key)s")} s
     where p.model = %(uid)s
 )
 """
 
-_IMPACT = """
+_IMPACT = f"""
 with recursive walk(uid, k, path, depth) as (
     select %(uid)s::text, k, array[%(uid)s::text], 0 from unnest(%(keys)s::text[]) as k
   union all
     select e.model, m.target_key, w.path || e.model, w.depth + 1
     from walk w
     join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.up = w.uid
-    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and m.source_key = w.k
+    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and {_keyed("m.source_key", "w.k")}
     where w.depth < %(depth)s
 )
 select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
@@ -588,13 +616,12 @@ def _identity_tail(graph: RunGraph, edges: Sequence[Edge], target: str) -> list[
 
 
 # The first `n` upstream keys of each target key through one morphism, in key order (the backward index's).
-_FIRST_SOURCES = """
+_FIRST_SOURCES = f"""
 select t.k as target_key, s.source_key
 from unnest(%(keys)s::text[]) as t(k)
 cross join lateral (
-    select x.source_key from cdme_adjoint.mapped x
-    where x.run_id = %(run)s and x.morphism_id = %(id)s and x.target_key = t.k
-    order by x.source_key limit %(n)s
+    select u.source_key from {_sources_of("%(run)s", "%(id)s", "t.k", first="%(n)s")} u
+    order by u.source_key limit %(n)s
 ) s
 """
 
@@ -692,8 +719,7 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
         "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
         "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
         "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
-        "and exists (select 1 from cdme_adjoint.mapped x where x.run_id = o.run_id "
-        "and x.morphism_id = o.morphism_id and x.target_key = %(k)s) "
+        f"and exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s')} s) "
         "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
     )
@@ -705,8 +731,9 @@ def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge],
     ids = [e.morphism_id for e in edges if e.unique_id == uid]
     ups = [e.morphism_id for e in edges if e.upstream_unique_id == uid]
     cur.execute(
-        "select exists (select 1 from cdme_adjoint.mapped where run_id = %(run)s and "
-        "((morphism_id = any(%(ids)s) and target_key = %(k)s) or (morphism_id = any(%(ups)s) and source_key = %(k)s)))",
+        f"select exists (select 1 from unnest(%(ids)s::int[]) as i(id) cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
+        "or exists (select 1 from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = any(%(ups)s) "
+        f"and {_keyed('source_key', '%(k)s')}) as exists",
         {"run": graph.run_id, "ids": ids, "ups": ups, "k": key},
     )
     row = cur.fetchone()
