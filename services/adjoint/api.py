@@ -58,6 +58,7 @@ async def open_state(
     settings: CdmeSettings, engine: Engine, metrics: ServiceMetrics
 ) -> AsyncIterator[AdjointState]:
     """Read the project's `cdme.yml` once for the service's life; expose what is captured as metrics."""
+    queries.prefer_generic_plans(engine)
     metrics.database_gauges(
         engine,
         [

@@ -230,6 +230,7 @@ def run_adjoint_benchmark(
                 }
             full = runs["full"]
             with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(queries.SESSION)  # as the service's connections are
                 stored = conn.execute(
                     "select coalesce(sum(pg_total_relation_size(c.oid)), 0) from pg_inherits i "
                     "join pg_class c on c.oid = i.inhrelid where i.inhparent = 'cdme_adjoint.mapped'::regclass "

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from services.adjoint.domain.capture import CARRIED, SAMPLES, SCHEMA, envelope_of, normalise_run_id
 from services.adjoint.domain.errors import NotReconstructableError
@@ -107,6 +107,26 @@ def _visible(access: Sequence[str], roles: frozenset[str] | None) -> bool:
 
 def _connection(engine: Engine) -> Any:
     return engine.connect()
+
+
+# The walk, impact and graph queries are the same few texts run over and over with other keys, which psycopg
+# prepares on the server. PostgreSQL would plan each execution anew (a custom plan) because the generic plan's
+# estimate, with no key to go by, looks dearer: the planning then costs more than the lookup it plans (a one-hop
+# backward: p50 1.0 ms with custom plans, 0.4 ms with the generic one). Capture's statements are never prepared.
+SESSION = "set plan_cache_mode = force_generic_plan"
+
+
+def prefer_generic_plans(engine: Engine) -> None:
+    """Make every connection `engine` opens from now on plan prepared statements once (`SESSION`)."""
+
+    def configure(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute(SESSION)
+        dbapi_connection.commit()
+
+    event.listen(engine, "connect", configure)
+    # Connections opened before (the startup check's) would not be configured: open them again.
+    engine.dispose()
 
 
 def _driver(conn: Any) -> psycopg.Connection[Any]:
