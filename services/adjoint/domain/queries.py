@@ -17,14 +17,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 
 from services.adjoint.domain.capture import CARRIED, SAMPLES, SCHEMA, envelope_of, normalise_run_id
 from services.adjoint.domain.errors import NotReconstructableError
@@ -105,8 +106,14 @@ def _visible(access: Sequence[str], roles: frozenset[str] | None) -> bool:
     return roles is None or not access or bool(roles.intersection(access))
 
 
-def _connection(engine: Engine) -> Any:
-    return engine.connect()
+@contextmanager
+def _connection(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn:
+        yield conn
+        # COMMIT, not the pool's ROLLBACK on return: psycopg forgets the statements it prepared when a transaction
+        # rolls back, and every request would prepare and plan its queries anew. The queries run on the driver's
+        # connection, where SQLAlchemy sees no transaction to commit.
+        _driver(conn).commit()
 
 
 # The walk, impact and graph queries are the same few texts run over and over with other keys, which psycopg
