@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import httpx
 import pytest
 
 from services.core.net import free_port
-from services.core.settings import PROJECT_ROOT
+from services.core.service_process import await_answer, spawn_service, stop_process
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -61,38 +59,16 @@ class ServiceProcess:
             "CDME_HOME": str(self.home),
             **self.env,
         }
-        command = [sys.executable, "-m", "uvicorn", self.app]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(
-                    f"the {self.service} service exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.base_url}/livez", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"the {self.service} service did not answer /livez within {timeout}s:\n{self.log_tail()}")
+        self.process = spawn_service(self.app, self.port, env, self.log)
+        failure = await_answer(self.process, self.base_url, "/livez", timeout)
+        if failure is not None:
+            self.stop()
+            pytest.fail(f"the {self.service} service {failure}:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
+        stop_process(self.process)
         self.process = None
 
     def kill(self) -> None:

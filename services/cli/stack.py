@@ -13,19 +13,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import httpx
 import psutil
 
 from services.core.auth import ensure_demo_token
 from services.core.errors import CdmeError, ConfigurationError
 from services.core.net import free_port
-from services.core.settings import PROJECT_ROOT, CdmeSettings
+from services.core.service_process import await_answer, spawn_service
+from services.core.settings import CdmeSettings
 
 SERVICES: Final = ("validation", "adjoint", "lineage", "planner")
 _URL_SETTINGS: Final = {
@@ -97,13 +95,6 @@ def _is_ours(pid: int, name: str) -> bool:
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
     return any(part == f"services.{name}.app:app" for part in cmdline)
-
-
-def _live(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/livez", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def state(settings: CdmeSettings, name: str) -> ServiceState:
@@ -184,17 +175,14 @@ def start(settings: CdmeSettings, warehouse_url: str, *, timeout: float = 90) ->
     for name in SERVICES:
         if states[name].alive or not states[name].installed:
             continue
-        command = [sys.executable, "-m", "uvicorn", f"services.{name}.app:app", "--host", "127.0.0.1"]
-        with log_path(settings, name).open("ab") as log:
-            process = subprocess.Popen(
-                [*command, "--port", str(ports[name]), "--no-access-log"],
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # survives the command that started it
-            )
+        process = spawn_service(
+            f"services.{name}.app:app",
+            ports[name],
+            env,
+            log_path(settings, name),
+            access_log=False,
+            detach=True,
+        )
         (directory / f"{name}.pid").write_text(f"{process.pid}\n")
         started.append((name, process))
     for name, process in started:
@@ -205,16 +193,10 @@ def start(settings: CdmeSettings, warehouse_url: str, *, timeout: float = 90) ->
 def _wait_live(
     settings: CdmeSettings, name: str, process: subprocess.Popen[bytes], url: str, timeout: float
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            msg = f"the {name} service exited with code {process.returncode}: {_last_line(settings, name)}"
-            raise ServiceStartError(msg)
-        if _live(url):
-            return
-        time.sleep(0.2)
-    msg = f"the {name} service did not answer {url}/livez within {timeout:.0f}s: {_last_line(settings, name)}"
-    raise ServiceStartError(msg)
+    failure = await_answer(process, url, "/livez", timeout)
+    if failure is not None:
+        msg = f"the {name} service {failure}: {_last_line(settings, name)}"
+        raise ServiceStartError(msg)
 
 
 def _last_line(settings: CdmeSettings, name: str) -> str:

@@ -22,8 +22,6 @@ import os
 import random
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -47,6 +45,7 @@ from services.core.ldm import load_project_config
 from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
 from services.core.net import free_port
+from services.core.service_process import await_answer, spawn_service, stop_process
 from services.core.settings import PROJECT_ROOT, CdmeSettings
 from services.core.warehouse import create_warehouse_engine, libpq_url, resolve_warehouse_url
 from services.datagen.trading import GenerateRequest, currency_codes, generate
@@ -99,7 +98,8 @@ class _Service:
 
     def __init__(self, url: str, home: Path) -> None:
         self.token = secrets.token_hex(16)
-        self.base_url = f"http://127.0.0.1:{free_port()}"
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": url,
@@ -107,39 +107,16 @@ class _Service:
             "CDME_HOME": str(home),
             "CDME_LOG_LEVEL": "WARNING",
         }
-        port = self.base_url.rsplit(":", 1)[1]
-        self.log = (home / "adjoint.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "services.adjoint.app:app", "--port", port, "--no-access-log"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                msg = (
-                    f"the adjoint service exited with {self.process.returncode} (log: {home / 'adjoint.log'})"
-                )
-                raise UsageError(msg)
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        msg = "the adjoint service did not become ready within 60 s"
-        raise UsageError(msg)
+        log = home / "adjoint.log"
+        self.process = spawn_service("services.adjoint.app:app", port, env, log, access_log=False)
+        failure = await_answer(self.process, self.base_url, "/readyz", 60)
+        if failure is not None:
+            self.stop()
+            msg = f"the adjoint service {failure} (log: {log})"
+            raise UsageError(msg)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
-        self.log.close()
+        stop_process(self.process)
 
 
 def _keys(conn: psycopg.Connection[Any], query: str, rng: random.Random) -> list[str]:

@@ -361,10 +361,11 @@ _INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 }
 
 
-def _envelope(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
-    """Count, min/max and an order-independent digest (sum of 64-bit hashes) of the keys of a relation's rows.
+def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
+    """The checkpoint envelope of the keys `keys_sql` selects (column `k`).
 
-    Over rows, not distinct keys: a duplicated row changes the envelope, and no sort is needed.
+    Count, min/max and an order-independent digest (sum of 64-bit hashes) of the keys of a relation's rows. Over
+    rows, not distinct keys: a duplicated row changes the envelope, and no sort is needed.
     """
     with cur.connection.cursor() as plain:
         _execute(
@@ -376,11 +377,6 @@ def _envelope(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
         row = plain.fetchone()
     assert row is not None
     return {"count": int(row[0]), "min": row[1], "max": row[2], "digest": row[3]}
-
-
-def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
-    """The checkpoint envelope of the keys `keys_sql` selects (column `k`)."""
-    return _envelope(cur, keys_sql)
 
 
 class _Capture:
@@ -528,8 +524,8 @@ class _Capture:
         stats["overlap_samples"] = [r[0] for r in cur.fetchall()]
         if self.mode == "key_derivable":
             stats["envelopes"] = {
-                "input": _envelope(cur, m.input_sql(self.epoch)),
-                "output": _envelope(cur, m.output_sql()),
+                "input": envelope_of(cur, m.input_sql(self.epoch)),
+                "output": envelope_of(cur, m.output_sql()),
             }
         m.stats = stats
 
@@ -549,7 +545,7 @@ class _Capture:
     def envelope(self, keys_sql: str) -> dict[str, Any]:
         """A relation's envelope, computed once per capture (a model's output is its consumers' input)."""
         if keys_sql not in self.envelopes:
-            self.envelopes[keys_sql] = _envelope(self.cur, keys_sql)
+            self.envelopes[keys_sql] = envelope_of(self.cur, keys_sql)
         return self.envelopes[keys_sql]
 
     def accounted(self, plan: CapturePlan) -> list[dict[str, Any]] | None:

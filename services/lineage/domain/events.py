@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from services.core.artifacts import Catalog, Manifest, ManifestNode, NodeResult, RunResults, SourceDefinition
 from services.lineage.domain.columns import ModelLineage
@@ -203,13 +203,7 @@ class _Builder:
             facets["schema"] = schema
         if not rich:
             return facets
-        if node.description:
-            facets["documentation"] = facet(
-                "DocumentationDatasetFacet", description=node.description, contentType="text/markdown"
-            )
-        owners = _owners(node)
-        if owners:
-            facets["ownership"] = facet("OwnershipDatasetFacet", owners=[{"name": o} for o in owners])
+        facets |= _described_and_owned(node, "Dataset")
         tags = [{"key": t, "value": "true", "source": "DBT"} for t in _tags(node)]
         tags += [
             {"key": tag, "value": "true", "source": "DBT", "field": column.name}
@@ -326,13 +320,7 @@ class _Builder:
         }
         if node.compiled_code:
             facets["sql"] = facet("SQLJobFacet", query=node.compiled_code, dialect=self.dialect)
-        if node.description:
-            facets["documentation"] = facet(
-                "DocumentationJobFacet", description=node.description, contentType="text/markdown"
-            )
-        owners = _owners(node)
-        if owners:
-            facets["ownership"] = facet("OwnershipJobFacet", owners=[{"name": o} for o in owners])
+        facets |= _described_and_owned(node, "Job")
         tags = _tags(node)
         if tags:
             facets["tags"] = facet(
@@ -615,6 +603,21 @@ def _timings(result: NodeResult) -> tuple[datetime | None, datetime | None]:
     starts = [t.started_at for t in result.timing if t.started_at is not None]
     ends = [t.completed_at for t in result.timing if t.completed_at is not None]
     return (min(starts) if starts else None, max(ends) if ends else None)
+
+
+def _described_and_owned(
+    node: ManifestNode | SourceDefinition, facet_of: Literal["Dataset", "Job"]
+) -> dict[str, Any]:
+    """A node's documentation and ownership facets, for its dataset or its job (the facet types differ)."""
+    facets: dict[str, Any] = {}
+    if node.description:
+        facets["documentation"] = facet(
+            f"Documentation{facet_of}Facet", description=node.description, contentType="text/markdown"
+        )
+    owners = _owners(node)
+    if owners:
+        facets["ownership"] = facet(f"Ownership{facet_of}Facet", owners=[{"name": o} for o in owners])
+    return facets
 
 
 def _owners(node: ManifestNode | SourceDefinition) -> list[str]:
