@@ -51,7 +51,7 @@ class ServiceProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, path: str = "/livez") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
         env |= {
             "CDME_WAREHOUSE_URL": self.database_url,
@@ -60,7 +60,7 @@ class ServiceProcess:
             **self.env,
         }
         self.process = spawn_service(self.app, self.port, env, self.log)
-        failure = await_answer(self.process, self.base_url, "/livez", timeout)
+        failure = await_answer(self.process, self.base_url, path, timeout)
         if failure is not None:
             self.stop()
             pytest.fail(f"the {self.service} service {failure}:\n{self.log_tail()}")

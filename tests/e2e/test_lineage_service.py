@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +14,6 @@ import httpx
 import pytest
 
 from services.core.net import free_port as _free_port
-from services.core.settings import PROJECT_ROOT
 from tests.conftest import RESEARCH_DATA
 from tests.e2e.test_validation_service import _assert_problem
 from tests.service_process import AUTH
@@ -27,38 +23,13 @@ pytestmark = pytest.mark.integration
 
 
 class AppService(Service):
-    """`uvicorn <app>` with extra environment, started and stopped by pid like the validation service."""
+    """`uvicorn <app>` with extra environment and the service role, ready once `/readyz` answers."""
 
     def __init__(self, database_url: str, home: Path, app: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(database_url, home)
-        self.app = app
-        self.env = env or {}
+        super().__init__(database_url, home, app, "test-token=tester:data_engineer,service", env=env)
 
-    def start(self, timeout: float = 60) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-        env |= {
-            "CDME_WAREHOUSE_URL": self.database_url,
-            "CDME_AUTH_TOKENS": "test-token=tester:data_engineer,service",
-            "CDME_HOME": str(self.home),
-            **self.env,
-        }
-        command = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"{self.app} exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"{self.app} did not become ready:\n{self.log_tail()}")
+    def start(self, timeout: float = 60, path: str = "/readyz") -> None:
+        super().start(timeout, path)
 
 
 def lineage_service(database_url: str, home: Path, adjoint_url: str, validation_url: str) -> AppService:

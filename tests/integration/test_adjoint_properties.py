@@ -491,6 +491,16 @@ def test_explode_maps_each_parent_to_its_children(db: Db, rows: dict[int, set[in
             assert _backward(db, run_id, "exp", _k(i, n)) == {("src", _k(i))}
 
 
+def test_an_empty_key_is_found_like_any_other(db: Db) -> None:
+    """`''` has no components to split: the lookup of a carried pair must still try the whole key."""
+    src = _entity("src", ["id"], source=True)
+    model = Model("cp", "select id, v from p.src", ["id"], "iso", [src])
+    ids = ["", "a", "a|b", "|"]
+    run_id = _run(db, {"src": ("id text, v int", [(i, n) for n, i in enumerate(ids)])}, [model])
+    for i in ids:
+        assert _backward(db, run_id, "cp", _k(i)) == {("src", _k(i))}
+
+
 @EXAMPLES
 @given(rows=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2), values), min_size=1, max_size=12))
 def test_pairs_whose_source_key_leads_the_target_key_are_found_both_ways(

@@ -253,7 +253,7 @@ def run_adjoint_benchmark(
                 impact_params = {**edges, "run": full}
                 forward = _walk(
                     conn,
-                    queries._IMPACT,
+                    queries.for_run(queries._IMPACT, full),
                     {**impact_params, "uid": raw, "depth": 64, "sample": 100},
                     "keys",
                 )

@@ -711,13 +711,14 @@ class _Capture:
                         sql.SQL("" if where is None else f" where {where}"),
                     ),
                 )
-            # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions.
-            _execute(self.cur, sql.SQL("analyze {}").format(part))
             # A default that is not volatile is stored once in the catalog, not in the rows.
             _execute(
                 self.cur,
                 sql.SQL("alter table {} add column run_id text not null default {}").format(part, self.run),
             )
+            # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions,
+            # and a filter on run_id from its own.
+            _execute(self.cur, sql.SQL("analyze {}").format(part))
             # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
             _execute(
                 self.cur,

@@ -27,7 +27,14 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from sqlalchemy import Connection, Engine, event
 
-from services.adjoint.domain.capture import CARRIED, SAMPLES, SCHEMA, envelope_of, normalise_run_id
+from services.adjoint.domain.capture import (
+    CARRIED,
+    SAMPLES,
+    SCHEMA,
+    envelope_of,
+    normalise_run_id,
+    partition_name,
+)
 from services.adjoint.domain.errors import NotReconstructableError
 from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
 from services.core.errors import NotFoundError, UsageError
@@ -333,6 +340,17 @@ def _bounds(depth: int | None, limit: int) -> int:
     return depth or MAX_DEPTH
 
 
+# Where the queries of one run read its pairs: its own partition of `mapped`, named by `for_run`. A generic plan
+# (`SESSION`) over the parent table would lock and open every run's partition at each execution.
+_RUN_MAPPED = "{mapped}"
+_ALL_MAPPED = f"{SCHEMA}.mapped"
+
+
+def for_run(query: str, run_id: str) -> str:
+    """`query` reading `run_id`'s partition of `mapped` where it says `{mapped}`."""
+    return query.replace(_RUN_MAPPED, f'{SCHEMA}."{partition_name("mapped", run_id)}"')
+
+
 def _keyed(column: str, value: str) -> str:
     """`column = value` for a key column of `mapped`, in the form its indexes answer (migration 0003).
 
@@ -342,7 +360,14 @@ def _keyed(column: str, value: str) -> str:
     return f"hashtextextended({column}, 0) = hashtextextended({value}, 0) and {column} = {value}"
 
 
-def _sources_of(run: str, morphism: str, target: str, when: str = "true", first: str | None = None) -> str:
+def _sources_of(
+    run: str,
+    morphism: str,
+    target: str,
+    when: str = "true",
+    first: str | None = None,
+    mapped: str = _RUN_MAPPED,
+) -> str:
     """A subquery (column `source_key`) of the source keys `morphism` of `run` maps to the key `target`.
 
     Pairs that carry their source key in the target key (`capture.CARRIED`) are not in the backward index: their
@@ -350,15 +375,17 @@ def _sources_of(run: str, morphism: str, target: str, when: str = "true", first:
     condition on the outer query that gates both lookups. (`CARRIED` names the columns of `x`, the only relation
     in its scope, unqualified: the partial index's predicate must read the same.) With `first`, only the first
     `first` source keys in key order: the backward index reads them in order, and the carried ones are few.
+    `mapped` is the run's partition (`for_run` names it) unless `run` is an expression over several runs.
     """
     prefix = f"array_to_string((string_to_array({target}, '|'))[1:c.n], '|')"
     ordered = "" if first is None else f" order by x.source_key limit {first}"
     return (
-        f"((select x.source_key from cdme_adjoint.mapped x where {when} and x.run_id = {run} "
+        f"((select x.source_key from {mapped} x where {when} and x.run_id = {run} "
         f"and x.morphism_id = {morphism} and {_keyed('x.target_key', target)} and not {CARRIED}{ordered}) "
         "union all "
-        f"(select x.source_key from generate_series(1, cardinality(string_to_array({target}, '|'))) as c(n) "
-        f"join cdme_adjoint.mapped x on x.run_id = {run} and x.morphism_id = {morphism} "
+        f"(select x.source_key from generate_series(1, greatest(1, cardinality(string_to_array({target}, '|')))) "
+        "as c(n) "
+        f"join {mapped} x on x.run_id = {run} and x.morphism_id = {morphism} "
         f"and {_keyed('x.source_key', prefix)} and x.target_key = {target} where {when}))"
     )
 
@@ -426,7 +453,7 @@ with recursive walk(uid, k, path, depth) as (
     select e.model, m.target_key, w.path || e.model, w.depth + 1
     from walk w
     join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.up = w.uid
-    join cdme_adjoint.mapped m on m.run_id = %(run)s and m.morphism_id = e.id and {_keyed("m.source_key", "w.k")}
+    join {_RUN_MAPPED} m on m.run_id = %(run)s and m.morphism_id = e.id and {_keyed("m.source_key", "w.k")}
     where w.depth < %(depth)s
 )
 select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
@@ -434,9 +461,9 @@ from walk where depth > 0 group by uid, path order by min(depth), uid, path
 """
 
 
-def backward_sql(max_depth: int) -> str:
-    """The walk query the service runs for a backward of at most `max_depth` hops."""
-    return _ONE_HOP if max_depth == 1 else _BACKWARD
+def backward_sql(max_depth: int, run_id: str) -> str:
+    """The walk query the service runs for a backward of at most `max_depth` hops in run `run_id`."""
+    return for_run(_ONE_HOP if max_depth == 1 else _BACKWARD, run_id)
 
 
 def walk_params(
@@ -598,7 +625,7 @@ def walk_run(
     if tail is not None and limit is not None and uid not in tail:
         return _walk_into_tail(cur, graph, edges, tail, uid, key, max_depth, limit, offset)
     cur.execute(
-        backward_sql(max_depth),
+        backward_sql(max_depth, graph.run_id),
         {**walk_params(graph, uid, max_depth), "key": key, "to": target, "limit": limit, "offset": offset},
     )
     return _walked(cur.fetchall(), run_id=graph.run_id)
@@ -673,7 +700,7 @@ def _walk_into_tail(
     head, length = tail[0], len(tail) - 1
     above = [e for e in edges if e.upstream_unique_id != head]
     cur.execute(
-        backward_sql(max_depth),
+        backward_sql(max_depth, graph.run_id),
         {**walk_params(graph, uid, max_depth, above), "key": key, "to": None, "limit": None, "offset": 0},
     )
     walked, stranded = _walked(cur.fetchall(), graph.run_id)
@@ -687,7 +714,7 @@ def _walk_into_tail(
             pairs = [(k, k) for k, _p, _d in frontier]
         else:
             cur.execute(
-                _FIRST_SOURCES,
+                for_run(_FIRST_SOURCES, graph.run_id),
                 {
                     "keys": sorted({k for k, _p, _d in frontier}),
                     "run": graph.run_id,
@@ -746,7 +773,7 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
         "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
         "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
         "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
-        f"and exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s')} s) "
+        f"and exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s', mapped=_ALL_MAPPED)} s) "
         "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
     )
@@ -754,15 +781,19 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
     return None if row is None else str(row["run_id"])
 
 
+# Whether a key of a model is in the run: produced by a morphism into it, or read by one out of it.
+_CHECK_KEY = (
+    "select exists (select 1 from unnest(%(ids)s::int[]) as i(id) "
+    f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
+    f"or exists (select 1 from {_RUN_MAPPED} where run_id = %(run)s and morphism_id = any(%(ups)s) "
+    f"and {_keyed('source_key', '%(k)s')}) as exists"
+)
+
+
 def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge], uid: str, key: str) -> None:
     ids = [e.morphism_id for e in edges if e.unique_id == uid]
     ups = [e.morphism_id for e in edges if e.upstream_unique_id == uid]
-    cur.execute(
-        f"select exists (select 1 from unnest(%(ids)s::int[]) as i(id) cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
-        "or exists (select 1 from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = any(%(ups)s) "
-        f"and {_keyed('source_key', '%(k)s')}) as exists",
-        {"run": graph.run_id, "ids": ids, "ups": ups, "k": key},
-    )
+    cur.execute(for_run(_CHECK_KEY, graph.run_id), {"run": graph.run_id, "ids": ids, "ups": ups, "k": key})
     row = cur.fetchone()
     if not row or not row["exists"]:
         msg = f"key {key!r} of {graph.names[uid]} is not in the adjoint metadata of run {graph.run_id}"
@@ -804,7 +835,8 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
 
 def _set_encoding_session(cur: psycopg.Cursor[Any]) -> None:
     for name, value in ENCODING_SESSION:
-        cur.execute("select set_config(%s, %s, false)", (name, value))
+        # For this transaction only: the pooled connection goes back to the next request as it came.
+        cur.execute("select set_config(%s, %s, true)", (name, value))
 
 
 def _verify_envelopes(cur: psycopg.Cursor[Any], edge: Edge) -> None:
@@ -908,7 +940,7 @@ def impact(
             raise UsageError(msg)
         uid = graph.uid_of(entity)
         cur.execute(
-            _IMPACT,
+            for_run(_IMPACT, graph.run_id),
             {
                 **edge_params(graph.visible_edges()),
                 "uid": uid,
@@ -942,10 +974,10 @@ def impact(
 
 _ISO = """
 select k from (
-    select source_key as k from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = %(m)s
+    select source_key as k from {mapped} where run_id = %(run)s and morphism_id = %(m)s
     group by source_key having count(*) > 1
   union
-    select min(source_key) from cdme_adjoint.mapped where run_id = %(run)s and morphism_id = %(m)s
+    select min(source_key) from {mapped} where run_id = %(run)s and morphism_id = %(m)s
     group by target_key having count(*) > 1
 ) bad order by k limit %(n)s
 """
@@ -977,7 +1009,10 @@ def reconcile(engine: Engine, run_id: str, roles: frozenset[str] | None = None) 
             status = "superset"
             if m["kind"] == "iso":
                 if report["lineage_mode"] == "full":
-                    cur.execute(_ISO, {"run": report["run_id"], "m": m["morphism_id"], "n": SAMPLES})
+                    cur.execute(
+                        for_run(_ISO, report["run_id"]),
+                        {"run": report["run_id"], "m": m["morphism_id"], "n": SAMPLES},
+                    )
                     bad = [r["k"] for r in cur.fetchall()]
                     if bad:
                         problems.append(
