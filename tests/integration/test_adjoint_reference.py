@@ -178,7 +178,17 @@ def test_backward_from_a_monthly_key_equals_a_hand_written_query_over_raw_tables
     expected = accepted_trades(built.url, FIRST_EPOCH, book, currency)
     assert len(expected) > 1
     key = f"{month}|{book}|{currency}"
-    found: set[str] = set()
+    contributions = _every_page(built, key, limit=7)
+    assert all(
+        c["path"][0] == "fct_monthly_positions" and c["path"][-1] == "raw_trading.trades"
+        for c in contributions
+    )
+    assert {c["key"] for c in contributions} == expected
+
+
+def _every_page(built: Built, key: str, *, limit: int, depth: int | None = None) -> list[dict[str, Any]]:
+    """The contributions of a monthly position's backward to raw trades, followed page by page."""
+    contributions: list[dict[str, Any]] = []
     cursor = None
     while True:
         page = queries.backward(
@@ -187,18 +197,14 @@ def test_backward_from_a_monthly_key_equals_a_hand_written_query_over_raw_tables
             key,
             roles=None,
             to="raw_trading.trades",
-            limit=7,
+            depth=depth,
+            limit=limit,
             cursor=cursor,
         )
-        found |= {c["key"] for c in page["contributions"]}
-        assert all(
-            c["path"][0] == "fct_monthly_positions" and c["path"][-1] == "raw_trading.trades"
-            for c in page["contributions"]
-        )
+        contributions += page["contributions"]
         cursor = page["next"]
         if cursor is None:
-            break
-    assert found == expected
+            return contributions
 
 
 def test_a_page_read_through_an_identity_tail_equals_the_same_page_of_the_whole_walk(
@@ -214,24 +220,7 @@ def test_a_page_read_through_an_identity_tail_equals_the_same_page_of_the_whole_
     assert whole["next"] is None
     expected = [c for c in whole["contributions"] if c["entity"] == "raw_trading.trades"]
     for depth in (None, 5, 4):
-        pages: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            page = queries.backward(
-                built.engine,
-                "fct_monthly_positions",
-                key,
-                roles=None,
-                to="raw_trading.trades",
-                depth=depth,
-                limit=4,
-                cursor=cursor,
-            )
-            pages += page["contributions"]
-            cursor = page["next"]
-            if cursor is None:
-                break
-        assert pages == ([] if depth == 4 else expected), depth
+        assert _every_page(built, key, limit=4, depth=depth) == ([] if depth == 4 else expected), depth
 
 
 def test_backward_returns_records_and_respects_depth(built: Built, full_run: str) -> None:
