@@ -6,7 +6,6 @@ real HTTP, a real PostgreSQL database.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,8 +51,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30, path: str = "/livez") -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-        env |= {
+        env = {
             "CDME_WAREHOUSE_URL": self.database_url,
             "CDME_AUTH_TOKENS": self.tokens,
             "CDME_HOME": str(self.home),

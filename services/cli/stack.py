@@ -159,8 +159,8 @@ def start(settings: CdmeSettings, warehouse_url: str, *, timeout: float = 90) ->
             ports[name] = current.port
         else:
             ports[name] = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-    env |= {k: v for k, v in os.environ.items() if k.startswith("CDME_") and k not in _URL_SETTINGS.values()}
+    # The services share this command's settings, but for the URLs of each other, which are the ones started here.
+    env = {k: v for k, v in os.environ.items() if k.startswith("CDME_") and k not in _URL_SETTINGS.values()}
     env |= {
         "CDME_HOME": str(settings.home),
         "CDME_WAREHOUSE_URL": warehouse_url,

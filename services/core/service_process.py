@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,23 +20,26 @@ from services.core.settings import PROJECT_ROOT
 def spawn_service(
     app: str,
     port: int,
-    env: Mapping[str, str],
+    settings: Mapping[str, str],
     log: Path,
     *,
     access_log: bool = True,
     detach: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `uvicorn <app>` on 127.0.0.1:`port` with exactly `env`, its output appended to `log`.
+    """Start `uvicorn <app>` on 127.0.0.1:`port`, its output appended to `log`.
 
-    `detach` puts it in a session of its own, so it outlives the command that started it.
+    Its environment is this process's without any `CDME_` variable, plus `settings`: a service reads exactly the
+    settings it is given, never a stray one of whoever started it. `detach` puts it in a session of its own, so it
+    outlives the command that started it.
     """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")} | dict(settings)
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     if not access_log:
         command.append("--no-access-log")
     with log.open("ab") as out:
         return subprocess.Popen(
             command,
-            env=dict(env),
+            env=env,
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

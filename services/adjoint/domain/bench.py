@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
 import secrets
 import statistics
@@ -100,8 +99,7 @@ class _Service:
         self.token = secrets.token_hex(16)
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDME_")}
-        env |= {
+        env = {
             "CDME_WAREHOUSE_URL": url,
             "CDME_AUTH_TOKENS": f"{self.token}=bench:data_engineer",
             "CDME_HOME": str(home),
