@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
+from services.adjoint.domain import capture as capture_module
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import CaptureResult, capture, load_run_ldm, plan_capture
 from services.adjoint.domain.errors import NotReconstructableError
@@ -297,6 +298,54 @@ def test_capture_is_idempotent_and_reconciles(built: Built, caplog: pytest.LogCa
     statuses = {m["model"]: m["status"] for m in result["morphisms"]}
     assert result["status"] == "reconciled"
     assert statuses["stg_trades"] == "exact" and statuses["int_trades_active"] == "superset"
+
+
+def _stray_tables(built: Built, run_id: str) -> list[str]:
+    """The tables named after the run's partition of `mapped` that are not attached to `mapped`."""
+    return [
+        r[0]
+        for r in built.rows(
+            "select relname from pg_class where relnamespace = 'cdme_adjoint'::regnamespace and relkind = 'r' "
+            "and not relispartition and starts_with(relname, %s)",
+            (f"mapped_r{uuid.UUID(run_id).hex}_",),
+        )
+    ]
+
+
+def test_a_failed_capture_keeps_the_previous_one_and_leaves_no_table_behind(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = str(uuid.uuid4())
+    first = capture_run(built, run_id)
+    # A table a crashed capture committed and never attached.
+    stray = f"mapped_r{uuid.UUID(run_id).hex}_deadbeef_1"
+    with psycopg.connect(built.url) as conn:
+        conn.execute(f"create table cdme_adjoint.{stray} (source_key text)")
+    original = capture_module._Capture.account
+
+    def failing(self: Any, m: capture_module.Morphism, *, single_driver: bool) -> bool:
+        balanced = original(self, m, single_driver=single_driver)
+        if m.model.name == "fct_daily_positions":
+            # Fails in the worker that loads this morphism's pairs, after others loaded theirs.
+            m.pairs_sql = (
+                f"select source_key, target_key from ({m.pairs_sql}) p where 1 / (length(source_key) * 0) = 0"
+            )
+        return balanced
+
+    monkeypatch.setattr(capture_module._Capture, "account", failing)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        capture_run(built, run_id)
+    assert _stray_tables(built, run_id) == [stray]
+    assert built.rows("select pairs from cdme_adjoint.runs where run_id = %s", (run_id,)) == [(first.pairs,)]
+    assert (
+        built.rows("select count(*) from cdme_adjoint.mapped where run_id = %s", (run_id,))[0][0]
+        == first.pairs
+    )
+    assert queries.reconcile(built.engine, run_id)["status"] == "reconciled"
+    monkeypatch.undo()
+    # The next capture of the run sweeps what the crash left.
+    assert capture_run(built, run_id).pairs == first.pairs
+    assert _stray_tables(built, run_id) == []
 
 
 def test_a_partial_run_captures_only_the_models_that_succeeded(built: Built) -> None:

@@ -2,9 +2,13 @@
 
 For every model that succeeded in the run (run_results status `success`) and each driving upstream, the capture
 SQL of `derive` runs as `INSERT ... SELECT` into fresh tables that become the run's partitions of
-`cdme_adjoint.mapped`, `filtered` and `errored`; no key set ever travels to Python. Everything happens in one
-transaction: the previous capture of the run (if any) is dropped and the new partitions attached at commit, so
-capturing twice yields the same rows, never duplicates, and a failed capture leaves the previous one.
+`cdme_adjoint.mapped`, `filtered` and `errored`; no key set ever travels to Python. Everything that decides the
+run's metadata happens in one transaction: the previous capture of the run (if any) is dropped and the new
+partitions attached at commit, so capturing twice yields the same rows, never duplicates, and a failed capture
+leaves the previous one. The pairs are the one exception: `workers` connections of their own load them into the
+table that becomes the run's partition of `mapped`, each morphism as soon as it is accounted and reading the
+capture's snapshot. That table is committed but attached to nothing until the capture commits, and dropped if it
+fails (a capture of the run sweeps any a crash left behind).
 
 Per morphism (model M, driving upstream U), with `input` the keys of U (of the run's epoch, when U is a source
 with an `epoch_column`):
@@ -32,7 +36,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from graphlib import TopologicalSorter
@@ -333,8 +338,8 @@ def _part(table: str, run_id: str) -> sql.Composed:
 def _columns_of(table: str) -> str:
     """The columns a run's partition of `table` is loaded with: all of the table's but `run_id`.
 
-    `finish` adds `run_id` as a column with a default, which PostgreSQL keeps in the catalog instead of in each
-    row: a full run's 12.7 million pairs then write 470 MB less heap, and as much less WAL.
+    `_seal` adds `run_id` as a column with a default, which PostgreSQL keeps in the catalog instead of in each row:
+    a full run's 12.7 million pairs then write 470 MB less heap, and as much less WAL.
     """
     return {
         "mapped": "morphism_id integer not null, source_key text not null, target_key text not null",
@@ -349,16 +354,67 @@ def _columns_of(table: str) -> str:
 # components name their source keys, which the forward index finds (`queries.sources_of`).
 CARRIED = "(target_key = source_key or starts_with(target_key, source_key || '|'))"
 
-# As in migration 0003: lookups by key go through its 64-bit hash, whose integer sort builds the index in a third
-# of the time of the text's; the backward index keeps each target's source keys in order for paged walks.
+# As in migration 0004: lookups by key go through its 32-bit hash, whose integer sort builds the index in a fraction
+# of the time of the text's, and which packs with the morphism into 8 bytes; the backward index keeps each target's
+# source keys in order for paged walks.
 _INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "mapped": (
-        ("backward", "morphism_id, hashtextextended(target_key, 0), source_key", f"not {CARRIED}"),
-        ("forward", "morphism_id, hashtextextended(source_key, 0)", None),
+        ("backward", "morphism_id, hashtext(target_key), source_key", f"not {CARRIED}"),
+        ("forward", "morphism_id, hashtext(source_key)", None),
     ),
     "filtered": (("key", "morphism_id, source_key", None),),
     "errored": (("key", "morphism_id, source_key", None),),
 }
+
+
+def _seal(
+    cur: psycopg.Cursor[Any], table: str, name: str, constants: Sequence[tuple[str, str, int | str]]
+) -> None:
+    """Index a freshly loaded partition of `table`, and give it its constant columns.
+
+    `constants` are (column, type, value): each becomes a column whose default PostgreSQL keeps in the catalog,
+    and a CHECK on all of them lets ATTACH skip its validating scan.
+    """
+    target = sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name))
+    # Statistics first: an index build sizes its parallel workers from them, and has none without.
+    _execute(cur, sql.SQL("analyze {}").format(target))
+    for suffix, columns, where in _INDEXES[table]:
+        _execute(
+            cur,
+            sql.SQL("create index {} on {} ({}){}").format(
+                sql.Identifier(f"{name}_{suffix}"),
+                target,
+                sql.SQL(columns),
+                sql.SQL("" if where is None else f" where {where}"),
+            ),
+        )
+    # A default that is not volatile is stored once in the catalog, not in the rows.
+    _execute(
+        cur,
+        sql.SQL("alter table {} {}").format(
+            target,
+            sql.SQL(", ").join(
+                sql.SQL("add column {} {} not null default {}").format(
+                    sql.Identifier(column), sql.SQL(kind), sql.Literal(value)
+                )
+                for column, kind, value in constants
+            ),
+        ),
+    )
+    # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions, and a
+    # filter on the constant columns from their own.
+    _execute(cur, sql.SQL("analyze {}").format(target))
+    _execute(
+        cur,
+        sql.SQL("alter table {} add constraint {} check ({})").format(
+            target,
+            sql.Identifier(f"{name}_c"),
+            sql.SQL(" and ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(column), sql.Literal(value))
+                for column, _, value in constants
+            ),
+        ),
+    )
 
 
 def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
@@ -395,42 +451,108 @@ class _Capture:
         self.sample_rate = sample_rate
         self.run = sql.Literal(run_id)
         self.envelopes: dict[str, dict[str, Any]] = {}
+        # The table the run's pairs are loaded into, named afresh by each capture: the previous capture's partition
+        # keeps its name (and this transaction's lock on it) until this one commits.
+        self.staging = f"{partition_name('mapped', run_id)}_{uuid.uuid4().hex[:8]}"
+        self.loader: _Loader | None = None
+
+    @property
+    def pairs_table(self) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(self.staging))
 
     def prepare(self) -> None:
-        # Capture is a handful of large hashes and sorts: give them memory instead of spilling to disk.
-        for name, value in (("work_mem", "256MB"), ("maintenance_work_mem", "2GB")):
-            _execute(
-                self.cur,
-                sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value)),
-            )
+        _configure(self.cur, "2GB")
         # Two captures of one run (two replicas, a retry) take turns instead of failing on each other's DDL.
         _execute(self.cur, sql.SQL("select pg_advisory_xact_lock(hashtextextended({}, 7))").format(self.run))
-        for name, value in ENCODING_SESSION:
-            _execute(
-                self.cur,
-                sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value)),
-            )
         _execute(
             self.cur,
             sql.SQL("delete from {}.runs where run_id = {}").format(sql.Identifier(SCHEMA), self.run),
         )
+        # Pair tables a failed capture of this run committed but never attached (a crash left them behind).
+        _execute(
+            self.cur,
+            sql.SQL(
+                "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = {} "
+                "and c.relkind = 'r' and not c.relispartition and starts_with(c.relname, {})"
+            ).format(sql.Literal(SCHEMA), sql.Literal(partition_name("mapped", self.run_id) + "_")),
+        )
+        for (stray,) in self.cur.fetchall():
+            _execute(
+                self.cur, sql.SQL("drop table {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(stray))
+            )
         for table in PARTITIONED:
             _execute(self.cur, sql.SQL("drop table if exists {}").format(_part(table, self.run_id)))
-            _execute(
-                self.cur,
-                sql.SQL("create table {} ({}) with (autovacuum_enabled = false)").format(
-                    _part(table, self.run_id), sql.SQL(_columns_of(table))
-                ),
-            )
+            if table != "mapped":
+                _execute(
+                    self.cur,
+                    sql.SQL("create table {} ({}) with (autovacuum_enabled = false)").format(
+                        _part(table, self.run_id), sql.SQL(_columns_of(table))
+                    ),
+                )
         _execute(self.cur, "drop table if exists _cdme_all_pairs")
         _execute(
             self.cur,
             "create temp table _cdme_all_pairs (morphism_id integer, source_key text, target_key text) on commit drop",
         )
 
+    def start_loading(self, engine: Engine, workers: int) -> None:
+        """Create the pairs' table, committed for the workers to load, and start them (none in key_derivable)."""
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(
+                sql.SQL("create table {} ({}) with (autovacuum_enabled = false)")
+                .format(self.pairs_table, sql.SQL(_columns_of("mapped")))
+                .as_string()
+            )
+        if self.mode != "key_derivable":
+            self.loader = _Loader(
+                self, engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers
+            )
+
+    def load(self, engine: Engine, snapshot: str, m: Morphism) -> None:
+        """Insert `m`'s pairs (as the mode stores them) on a connection of its own that reads `snapshot`."""
+        begun = time.perf_counter()
+        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+            raw = conn.connection.driver_connection
+            assert isinstance(raw, psycopg.Connection)
+            with raw.cursor() as cur:
+                _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(snapshot)))
+                _configure(cur, "64MB")
+                _execute(
+                    cur,
+                    sql.SQL("insert into {} {}").format(
+                        self.pairs_table,
+                        self.stored(
+                            sql.SQL("select {}, source_key, target_key from ({}) p").format(
+                                sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
+                            )
+                        ),
+                    ),
+                )
+        logger.debug(
+            "pairs stored",
+            extra={
+                "run_id": self.run_id,
+                "model": m.model.name,
+                "seconds": round(time.perf_counter() - begun, 3),
+            },
+        )
+
+    def drop_pairs_table(self, engine: Engine) -> None:
+        """Drop the committed pairs' table of a capture that failed."""
+        if self.loader is not None:
+            self.loader.close()
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(sql.SQL("drop table if exists {}").format(self.pairs_table).as_string())
+        except Exception:
+            # The next capture of the run sweeps what is left; the capture's own error is what the caller needs.
+            logger.exception(
+                "could not drop the pairs table of a failed capture", extra={"run_id": self.run_id}
+            )
+
     def morphism(self, m: Morphism, *, single_driver: bool) -> None:
         cur, mid = self.cur, sql.Literal(m.morphism_id)
-        mapped, filtered, errored = (_part(t, self.run_id) for t in PARTITIONED)
+        filtered, errored = _part("filtered", self.run_id), _part("errored", self.run_id)
         _execute(cur, "drop table if exists _cdme_in, _cdme_mapped, _cdme_rest, _cdme_lost, _cdme_overlap")
         _execute(
             cur,
@@ -441,17 +563,14 @@ class _Capture:
             m.mapped_sql if carried is None else f"select distinct * from ({m.built_pairs_sql(carried)}) b"
         )
         _execute(cur, f"create temp table _cdme_mapped on commit drop as {pairs}")
-        if self.mode == "full":
-            stored = sql.SQL("select {}, source_key, target_key from _cdme_mapped").format(mid)
-        elif self.mode == "summary":
-            stored = sql.SQL(
-                "select {}, source_key, target_key from _cdme_mapped "
-                "where abs(hashtextextended(source_key, 0)) % {} < {}"
-            ).format(mid, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE)))
-        else:
-            stored = None
-        if stored is not None:
-            _execute(cur, sql.SQL("insert into {} {}").format(mapped, stored))
+        if self.mode != "key_derivable":
+            _execute(
+                cur,
+                sql.SQL("insert into {} {}").format(
+                    self.pairs_table,
+                    self.stored(sql.SQL("select {}, source_key, target_key from _cdme_mapped").format(mid)),
+                ),
+            )
         if self.mode != "full":
             # End-to-end fates need every pair, also when the run stores a sample or none of them.
             _execute(
@@ -569,6 +688,8 @@ class _Capture:
                 )
                 return None
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
+            if self.loader is not None:
+                self.loader.submit(m)
         sources = _derived_fates(plan)
         if sources is None:
             logger.info(
@@ -665,16 +786,13 @@ class _Capture:
             m.stats["envelopes"] = {"input": inputs, "output": output}
         return True
 
-    def store_pairs(self, m: Morphism) -> None:
-        """Write the pairs of a digest-accounted morphism: all of them, or summary mode's sample."""
-        statement = sql.SQL("insert into {} select {}, source_key, target_key from ({}) p").format(
-            _part("mapped", self.run_id), sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
+    def stored(self, pairs: sql.Composable) -> sql.Composable:
+        """The rows of `pairs` (a `mapped` row each) the run's mode stores: all, or summary's sample."""
+        if self.mode != "summary":
+            return pairs
+        return sql.SQL("select * from ({}) p where abs(hashtextextended(source_key, 0)) % {} < {}").format(
+            pairs, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE))
         )
-        if self.mode == "summary":
-            statement = sql.SQL("{} where abs(hashtextextended(source_key, 0)) % {} < {}").format(
-                statement, sql.Literal(_SAMPLE_SCALE), sql.Literal(int(self.sample_rate * _SAMPLE_SCALE))
-            )
-        _execute(self.cur, statement)
 
     def insert_errored(self, m: Morphism) -> None:
         assert m.sink is not None
@@ -692,46 +810,69 @@ class _Capture:
         )
 
     def discard(self) -> None:
-        """Forget what `accounted` wrote, before the exact capture writes it again."""
-        for table in PARTITIONED:
+        """Forget what `accounted` wrote and loaded, before the exact capture writes it again."""
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+        for table in ("filtered", "errored"):
             _execute(self.cur, sql.SQL("truncate {}").format(_part(table, self.run_id)))
+        _execute(self.cur, sql.SQL("truncate {}").format(self.pairs_table))
 
     def finish(self) -> None:
+        if self.loader is not None:
+            self.loader.wait()
+        _execute(
+            self.cur,
+            sql.SQL("alter table {} rename to {}").format(
+                self.pairs_table, sql.Identifier(partition_name("mapped", self.run_id))
+            ),
+        )
         for table in PARTITIONED:
-            part = _part(table, self.run_id)
-            # Statistics first: an index build sizes its parallel workers from them, and has none without.
-            _execute(self.cur, sql.SQL("analyze {}").format(part))
-            for suffix, columns, where in _INDEXES[table]:
-                _execute(
-                    self.cur,
-                    sql.SQL("create index {} on {} ({}){}").format(
-                        sql.Identifier(f"{partition_name(table, self.run_id)}_{suffix}"),
-                        part,
-                        sql.SQL(columns),
-                        sql.SQL("" if where is None else f" where {where}"),
-                    ),
-                )
-            # A default that is not volatile is stored once in the catalog, not in the rows.
-            _execute(
-                self.cur,
-                sql.SQL("alter table {} add column run_id text not null default {}").format(part, self.run),
-            )
-            # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions,
-            # and a filter on run_id from its own.
-            _execute(self.cur, sql.SQL("analyze {}").format(part))
-            # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
-            _execute(
-                self.cur,
-                sql.SQL("alter table {} add constraint {} check (run_id = {})").format(
-                    part, sql.Identifier(f"{partition_name(table, self.run_id)}_run"), self.run
-                ),
-            )
-            _execute(
-                self.cur,
-                sql.SQL("alter table {}.{} attach partition {} for values in ({})").format(
-                    sql.Identifier(SCHEMA), sql.Identifier(table), part, self.run
-                ),
-            )
+            _seal(self.cur, table, partition_name(table, self.run_id), (("run_id", "text", self.run_id),))
+            self.attach(table, _part(table, self.run_id))
+
+    def attach(self, table: str, partition: sql.Composed) -> None:
+        _execute(
+            self.cur,
+            sql.SQL("alter table {}.{} attach partition {} for values in ({})").format(
+                sql.Identifier(SCHEMA), sql.Identifier(table), partition, self.run
+            ),
+        )
+
+
+class _Loader:
+    """Loads accounted morphisms' pairs on `workers` connections while the capture goes on."""
+
+    def __init__(self, job: _Capture, engine: Engine, snapshot: str, workers: int) -> None:
+        self.job = job
+        self.engine = engine
+        self.snapshot = snapshot
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cdme-capture")
+        self.futures: list[Future[None]] = []
+
+    def submit(self, m: Morphism) -> None:
+        self.futures.append(self.pool.submit(self.job.load, self.engine, self.snapshot, m))
+
+    def wait(self) -> None:
+        """Wait for every load; the first that failed raises (after the others stopped)."""
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the loads not yet started and wait for those running."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _configure(cur: psycopg.Cursor[Any], maintenance_work_mem: str) -> None:
+    # Capture is a handful of large hashes and sorts: give them memory instead of spilling to disk.
+    settings = (("work_mem", "256MB"), ("maintenance_work_mem", maintenance_work_mem), *ENCODING_SESSION)
+    for name, value in settings:
+        _execute(
+            cur, sql.SQL("select set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value))
+        )
 
 
 @dataclass(frozen=True)
@@ -935,6 +1076,7 @@ def capture(
     *,
     project: str | None = None,
     sample_rate: float = 0.01,
+    workers: int = 2,
 ) -> CaptureResult:
     """Capture a run: replace its adjoint metadata atomically with what the plan's SQL yields now.
 
@@ -946,44 +1088,49 @@ def capture(
         plan: The morphisms to capture (`plan_capture`).
         project: The dbt project's name, recorded with the run.
         sample_rate: The share of keys `summary` mode stores.
+        workers: How many connections load and index the morphisms' pairs at once.
 
     Returns:
         What was captured.
     """
     run_id = normalise_run_id(run_id)
     started = time.perf_counter()
-    with engine.begin() as conn:
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection)
-        with raw.cursor() as cur:
-            job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
-            job.prepare()
-            # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
-            derived = job.accounted(plan)
-            if derived is None:
-                job.discard()
-                for m in plan.morphisms:
-                    begun = time.perf_counter()
-                    job.morphism(m, single_driver=plan.single_driver(m))
-                    _log_morphism(run_id, m, time.perf_counter() - begun)
-            elif lineage_mode != "key_derivable":
-                for m in plan.morphisms:
-                    job.store_pairs(m)
-            job.finish()
-            sources = (
-                derived
-                if derived is not None
-                else _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
-            )
-            pairs = (
-                sum(int(m.stats["pairs"]) for m in plan.morphisms)
-                if lineage_mode == "full"
-                else _scalar(cur, sql.SQL("select count(*) from {}").format(_part("mapped", run_id)))
-            )
-            seconds = time.perf_counter() - started
-            _store_run(
-                cur, run_id, epoch, lineage_mode, plan, sources, int(pairs), seconds, project, sample_rate
-            )
+    job: _Capture | None = None
+    try:
+        with engine.begin() as conn:
+            raw = conn.connection.driver_connection
+            assert isinstance(raw, psycopg.Connection)
+            with raw.cursor() as cur:
+                job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
+                job.prepare()
+                job.start_loading(engine, workers)
+                # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
+                derived = job.accounted(plan)
+                if derived is None:
+                    job.discard()
+                    for m in plan.morphisms:
+                        begun = time.perf_counter()
+                        job.morphism(m, single_driver=plan.single_driver(m))
+                        _log_morphism(run_id, m, time.perf_counter() - begun)
+                job.finish()
+                sources = (
+                    derived
+                    if derived is not None
+                    else _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
+                )
+                pairs = (
+                    sum(int(m.stats["pairs"]) for m in plan.morphisms)
+                    if lineage_mode == "full"
+                    else _scalar(cur, sql.SQL("select count(*) from {}").format(_part("mapped", run_id)))
+                )
+                seconds = time.perf_counter() - started
+                _store_run(
+                    cur, run_id, epoch, lineage_mode, plan, sources, int(pairs), seconds, project, sample_rate
+                )
+    except BaseException:
+        if job is not None:
+            job.drop_pairs_table(engine)
+        raise
     captured = sorted({m.model.unique_id for m in plan.morphisms})
     logger.info(
         "run captured",
