@@ -326,7 +326,7 @@ def test_a_failed_capture_keeps_the_previous_one_and_leaves_no_table_behind(
     def failing(self: Any, m: capture_module.Morphism, *, single_driver: bool) -> bool:
         balanced = original(self, m, single_driver=single_driver)
         if m.model.name == "fct_daily_positions":
-            # Fails in the worker that loads this morphism's pairs, after others loaded theirs.
+            # Fails in the worker that loads this morphism's pairs, while others load theirs.
             m.pairs_sql = (
                 f"select source_key, target_key from ({m.pairs_sql}) p where 1 / (length(source_key) * 0) = 0"
             )

@@ -5,10 +5,10 @@ SQL of `derive` runs as `INSERT ... SELECT` into fresh tables that become the ru
 `cdme_adjoint.mapped`, `filtered` and `errored`; no key set ever travels to Python. Everything that decides the
 run's metadata happens in one transaction: the previous capture of the run (if any) is dropped and the new
 partitions attached at commit, so capturing twice yields the same rows, never duplicates, and a failed capture
-leaves the previous one. The pairs are the one exception: `workers` connections of their own load them into the
-table that becomes the run's partition of `mapped`, each morphism as soon as it is accounted and reading the
-capture's snapshot. That table is committed but attached to nothing until the capture commits, and dropped if it
-fails (a capture of the run sweeps any a crash left behind).
+leaves the previous one. The pairs are the one exception: unless the run needs key sets, `workers` connections of
+their own load them into the table that becomes the run's partition of `mapped`, each morphism as soon as its
+digests balance, reading the relations as they were when the capture began. That table is committed but attached
+to nothing until the capture commits, and dropped if it fails (a capture of the run sweeps any a crash left).
 
 Per morphism (model M, driving upstream U), with `input` the keys of U (of the run's epoch, when U is a source
 with an `epoch_column`):
@@ -457,13 +457,17 @@ class _Capture:
         self.loader: _Loader | None = None
 
     @property
+    def run_lock(self) -> sql.Composed:
+        return sql.SQL("hashtextextended({}, 7)").format(self.run)
+
+    @property
     def pairs_table(self) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(self.staging))
 
     def prepare(self) -> None:
         _configure(self.cur, "2GB")
         # Two captures of one run (two replicas, a retry) take turns instead of failing on each other's DDL.
-        _execute(self.cur, sql.SQL("select pg_advisory_xact_lock(hashtextextended({}, 7))").format(self.run))
+        _execute(self.cur, sql.SQL("select pg_advisory_xact_lock({})").format(self.run_lock))
         _execute(
             self.cur,
             sql.SQL("delete from {}.runs where run_id = {}").format(sql.Identifier(SCHEMA), self.run),
@@ -478,7 +482,8 @@ class _Capture:
         )
         for (stray,) in self.cur.fetchall():
             _execute(
-                self.cur, sql.SQL("drop table {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(stray))
+                self.cur,
+                sql.SQL("drop table if exists {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(stray)),
             )
         for table in PARTITIONED:
             _execute(self.cur, sql.SQL("drop table if exists {}").format(_part(table, self.run_id)))
@@ -538,12 +543,20 @@ class _Capture:
         )
 
     def drop_pairs_table(self, engine: Engine) -> None:
-        """Drop the committed pairs' table of a capture that failed."""
+        """Drop the committed pairs' table of a capture that failed (its transaction has rolled back)."""
         if self.loader is not None:
             self.loader.close()
         try:
             with engine.begin() as conn:
-                conn.exec_driver_sql(sql.SQL("drop table if exists {}").format(self.pairs_table).as_string())
+                # Another capture of the run that took the lock since sweeps the table itself: waiting for it would
+                # hold this failed request until that capture commits.
+                locked = conn.exec_driver_sql(
+                    sql.SQL("select pg_try_advisory_xact_lock({})").format(self.run_lock).as_string()
+                ).scalar()
+                if locked:
+                    conn.exec_driver_sql(
+                        sql.SQL("drop table if exists {}").format(self.pairs_table).as_string()
+                    )
         except Exception:
             # The next capture of the run sweeps what is left; the capture's own error is what the caller needs.
             logger.exception(
@@ -854,7 +867,7 @@ class _Loader:
         self.futures.append(self.pool.submit(self.job.load, self.engine, self.snapshot, m))
 
     def wait(self) -> None:
-        """Wait for every load; the first that failed raises (after the others stopped)."""
+        """Wait for every load; a failed one raises (in the order they were submitted), after the others ended."""
         try:
             for future in self.futures:
                 future.result()
@@ -1088,7 +1101,7 @@ def capture(
         plan: The morphisms to capture (`plan_capture`).
         project: The dbt project's name, recorded with the run.
         sample_rate: The share of keys `summary` mode stores.
-        workers: How many connections load and index the morphisms' pairs at once.
+        workers: How many connections load the morphisms' pairs at once (besides the capture's own).
 
     Returns:
         What was captured.
@@ -1097,7 +1110,8 @@ def capture(
     started = time.perf_counter()
     job: _Capture | None = None
     try:
-        with engine.begin() as conn:
+        # Each statement sees what the loaders committed (the count of stored pairs, ANALYZE): READ COMMITTED.
+        with engine.connect().execution_options(isolation_level="READ COMMITTED") as conn, conn.begin():
             raw = conn.connection.driver_connection
             assert isinstance(raw, psycopg.Connection)
             with raw.cursor() as cur:
