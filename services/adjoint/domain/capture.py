@@ -36,7 +36,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
@@ -338,7 +338,7 @@ def _part(table: str, run_id: str) -> sql.Composed:
 def _columns_of(table: str) -> str:
     """The columns a run's partition of `table` is loaded with: all of the table's but `run_id`.
 
-    `_seal` adds `run_id` as a column with a default, which PostgreSQL keeps in the catalog instead of in each row:
+    `_Capture.seal` adds `run_id` as a column with a default, which PostgreSQL keeps in the catalog instead of in each row:
     a full run's 12.7 million pairs then write 470 MB less heap, and as much less WAL.
     """
     return {
@@ -365,56 +365,6 @@ _INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "filtered": (("key", "morphism_id, source_key", None),),
     "errored": (("key", "morphism_id, source_key", None),),
 }
-
-
-def _seal(
-    cur: psycopg.Cursor[Any], table: str, name: str, constants: Sequence[tuple[str, str, int | str]]
-) -> None:
-    """Index a freshly loaded partition of `table`, and give it its constant columns.
-
-    `constants` are (column, type, value): each becomes a column whose default PostgreSQL keeps in the catalog,
-    and a CHECK on all of them lets ATTACH skip its validating scan.
-    """
-    target = sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name))
-    # Statistics first: an index build sizes its parallel workers from them, and has none without.
-    _execute(cur, sql.SQL("analyze {}").format(target))
-    for suffix, columns, where in _INDEXES[table]:
-        _execute(
-            cur,
-            sql.SQL("create index {} on {} ({}){}").format(
-                sql.Identifier(f"{name}_{suffix}"),
-                target,
-                sql.SQL(columns),
-                sql.SQL("" if where is None else f" where {where}"),
-            ),
-        )
-    # A default that is not volatile is stored once in the catalog, not in the rows.
-    _execute(
-        cur,
-        sql.SQL("alter table {} {}").format(
-            target,
-            sql.SQL(", ").join(
-                sql.SQL("add column {} {} not null default {}").format(
-                    sql.Identifier(column), sql.SQL(kind), sql.Literal(value)
-                )
-                for column, kind, value in constants
-            ),
-        ),
-    )
-    # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions, and a
-    # filter on the constant columns from their own.
-    _execute(cur, sql.SQL("analyze {}").format(target))
-    _execute(
-        cur,
-        sql.SQL("alter table {} add constraint {} check ({})").format(
-            target,
-            sql.Identifier(f"{name}_c"),
-            sql.SQL(" and ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(column), sql.Literal(value))
-                for column, _, value in constants
-            ),
-        ),
-    )
 
 
 def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
@@ -841,14 +791,42 @@ class _Capture:
             ),
         )
         for table in PARTITIONED:
-            _seal(self.cur, table, partition_name(table, self.run_id), (("run_id", "text", self.run_id),))
-            self.attach(table, _part(table, self.run_id))
+            self.seal(table)
 
-    def attach(self, table: str, partition: sql.Composed) -> None:
+    def seal(self, table: str) -> None:
+        """Index the run's freshly loaded partition of `table`, give it its `run_id`, and attach it."""
+        part, name = _part(table, self.run_id), partition_name(table, self.run_id)
+        # Statistics first: an index build sizes its parallel workers from them, and has none without.
+        _execute(self.cur, sql.SQL("analyze {}").format(part))
+        for suffix, columns, where in _INDEXES[table]:
+            _execute(
+                self.cur,
+                sql.SQL("create index {} on {} ({}){}").format(
+                    sql.Identifier(f"{name}_{suffix}"),
+                    part,
+                    sql.SQL(columns),
+                    sql.SQL("" if where is None else f" where {where}"),
+                ),
+            )
+        # A default that is not volatile is stored once in the catalog, not in the rows.
+        _execute(
+            self.cur,
+            sql.SQL("alter table {} add column run_id text not null default {}").format(part, self.run),
+        )
+        # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions, and a
+        # filter on run_id from its own.
+        _execute(self.cur, sql.SQL("analyze {}").format(part))
+        # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
+        _execute(
+            self.cur,
+            sql.SQL("alter table {} add constraint {} check (run_id = {})").format(
+                part, sql.Identifier(f"{name}_run"), self.run
+            ),
+        )
         _execute(
             self.cur,
             sql.SQL("alter table {}.{} attach partition {} for values in ({})").format(
-                sql.Identifier(SCHEMA), sql.Identifier(table), partition, self.run
+                sql.Identifier(SCHEMA), sql.Identifier(table), part, self.run
             ),
         )
 
