@@ -122,6 +122,12 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
             f"capture {mode:<13} {figures['seconds']:8.2f} s  ({figures['ratio_to_build']:.2f}x the build, "
             f"{figures['pairs']:,} pairs stored)"
         )
+    settled = ", ".join(
+        f"{phase.replace('_', ' ')} {'not allowed' if seconds is None else f'{seconds:.1f} s'}"
+        for phase, seconds in result.get("checkpoint_seconds", {}).items()
+    )
+    if settled:
+        lines.append(f"checkpoints (untimed): {settled}")
     lines.append(f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included)")
     for where, label in (("in_database", "in the database"), ("over_http", "over HTTP")):
         for query, figures in result[where].items():

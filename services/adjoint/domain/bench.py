@@ -2,8 +2,9 @@
 
 One epoch of N generated trades is loaded into a fresh database of the configured warehouse and the reference
 project built with `dbt build` (timed, tests included). The run is then captured in each lineage mode (timed;
-ratio capture/build), the full capture's partitions measured (bytes per mapped pair, indexes included), and
-1,000 keys drawn at random (fixed seed) for each query:
+ratio capture/build). A CHECKPOINT (untimed, its seconds recorded) precedes the build and each capture, so that no
+phase pays for the write-back of the one before. Then the full capture's partitions are measured (bytes per mapped
+pair, indexes included), and 1,000 keys drawn at random (fixed seed) for each query:
 
 - 1-hop backward: an `int_trades_enriched` trade back to `int_trades_active` (`depth=1`);
 - mart-to-raw backward: a `fct_monthly_positions` key back to `raw_trading.trades` (first page of 1,000);
@@ -37,7 +38,7 @@ from psycopg.rows import dict_row
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import capture, load_run_ldm, plan_capture
 from services.core.artifacts import load_manifest, load_run_results
-from services.core.benchmarking import load_average, machine, measured_at, write_result
+from services.core.benchmarking import load_average, machine, measured_at, settle, write_result
 from services.core.dbt import first_failure, run_dbt
 from services.core.errors import DbtError, UsageError
 from services.core.ldm import load_project_config
@@ -167,6 +168,9 @@ def run_adjoint_benchmark(
                 GenerateRequest(trades=trades, epoch=EPOCH, seed=42, counterparties=max(400, trades // 500)),
                 currency_codes(settings.project_dir / "seeds" / "currencies.csv"),
             )
+            # Each timed phase starts with nothing left to write: the build is not slowed by the generator's
+            # write-back, nor a capture by the build's (nor by the checkpoint its WAL would trigger mid-capture).
+            settled = {"before_build": settle(url)}
             say("dbt build")
             started = time.perf_counter()
             invocation = run_dbt(
@@ -187,6 +191,7 @@ def run_adjoint_benchmark(
             captures: dict[str, dict[str, Any]] = {}
             runs: dict[str, str] = {}
             for mode in MODES:
+                settled[f"before_capture_{mode}"] = settle(url)
                 say(f"capture ({mode})")
                 plan = plan_capture(load_run_ldm(manifest, config, mode), manifest, results)
                 captured = capture(
@@ -318,6 +323,7 @@ def run_adjoint_benchmark(
         "epoch": EPOCH.isoformat(),
         "dbt_build_seconds": round(build_seconds, 3),
         "capture": captures,
+        "checkpoint_seconds": settled,
         "default_mode": default_mode,
         "bytes_per_mapped_pair": round(mapped_bytes / max(1, captures["full"]["pairs"]), 1),
         "mapped_bytes": mapped_bytes,

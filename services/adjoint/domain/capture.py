@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from graphlib import TopologicalSorter
@@ -107,8 +110,6 @@ class Morphism:
     derivation: Derivation
     sink: Entity | None
     stats: dict[str, Any] = field(default_factory=dict)
-    # Where digest accounting reads the pairs from (the built relation for identities and projections).
-    pairs_sql: str = ""
     # Whether a uniqueness test on the upstream's (the model's) record key passed in this run.
     upstream_unique: bool = False
     model_unique: bool = False
@@ -162,6 +163,23 @@ class Morphism:
         ):
             return None
         return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
+
+    def accounted_pairs_sql(self, *, single_driver: bool) -> str:
+        """The pairs digest accounting proves, and a full run stores once it does.
+
+        Read from the built relation where the output key carries the upstream key (`carried_key`); otherwise
+        the derivation's rows, which are distinct pairs once the digests balance (each source key reaches the
+        output once).
+        """
+        assert self.upstream.key is not None
+        carried = self.carried_key(single_driver=single_driver)
+        if carried is None:
+            return self.derivation.mapped_rows_sql
+        if self.derivation.is_identity(len(self.upstream.key.columns)):
+            return f"select k as source_key, k as target_key from ({self.output_sql()}) o"
+        # Rows of the built relation may repeat a pair unless a test proved the model's key unique.
+        pairs = self.built_pairs_sql(carried)
+        return pairs if self.model_unique else f"select distinct * from ({pairs}) p"
 
     def built_pairs_sql(self, carried: str) -> str:
         """The (source_key, target_key) of every row of the built relation, given `carried_key`."""
@@ -354,13 +372,13 @@ def _columns_of(table: str) -> str:
 # components name their source keys, which the forward index finds (`queries.sources_of`).
 CARRIED = "(target_key = source_key or starts_with(target_key, source_key || '|'))"
 
-# As in migration 0004: lookups by key go through its 32-bit hash, whose integer sort builds the index in a fraction
-# of the time of the text's, and which packs with the morphism into 8 bytes; the backward index keeps each target's
-# source keys in order for paged walks.
+# As in migration 0005: lookups by key go through one 64-bit hash of the key seeded with the morphism, an integer
+# sort key whose index builds compare integers only; the backward index keeps each target's source keys in order for
+# paged walks.
 _INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "mapped": (
-        ("backward", "morphism_id, hashtext(target_key), source_key", f"not {CARRIED}"),
-        ("forward", "morphism_id, hashtext(source_key)", None),
+        ("backward", "hashtextextended(target_key, morphism_id), source_key", f"not {CARRIED}"),
+        ("forward", "hashtextextended(source_key, morphism_id)", None),
     ),
     "filtered": (("key", "morphism_id, source_key", None),),
     "errored": (("key", "morphism_id, source_key", None),),
@@ -450,27 +468,36 @@ class _Capture:
             "create temp table _cdme_all_pairs (morphism_id integer, source_key text, target_key text) on commit drop",
         )
 
-    def start_loading(self, engine: Engine, workers: int) -> None:
-        """Create the pairs' table, committed for the workers to load, and start them (none in key_derivable)."""
+    def start_loading(self, engine: Engine, workers: int, plan: CapturePlan) -> None:
+        """Create the pairs' table, committed for the workers, and start loading every morphism's pairs.
+
+        The loads start before the accounting has proved anything: they take the longest, and the accounting
+        runs beside them. A morphism that does not balance sends the capture to the exact path, which empties
+        the table first (`discard`). None in key_derivable, which stores no pairs.
+        """
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(
                 sql.SQL("create table {} ({}) with (autovacuum_enabled = false)")
                 .format(self.pairs_table, sql.SQL(_columns_of("mapped")))
                 .as_string()
             )
-        if self.mode != "key_derivable":
-            self.loader = _Loader(
-                self, engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers
-            )
+        if self.mode == "key_derivable":
+            return
+        self.loader = _Loader(self, engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers)
+        for m in plan.morphisms:
+            self.loader.submit(m, m.accounted_pairs_sql(single_driver=plan.single_driver(m)))
 
-    def load(self, engine: Engine, snapshot: str, m: Morphism) -> None:
-        """Insert `m`'s pairs (as the mode stores them) on a connection of its own that reads `snapshot`."""
+    def load(self, loader: _Loader, m: Morphism, pairs: str) -> None:
+        """Insert the pairs `pairs` selects (as the mode stores them) on a connection that reads `loader`'s snapshot."""
         begun = time.perf_counter()
-        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+        with (
+            loader.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
+            conn.begin(),
+        ):
             raw = conn.connection.driver_connection
             assert isinstance(raw, psycopg.Connection)
-            with raw.cursor() as cur:
-                _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(snapshot)))
+            with loader.running(raw), raw.cursor() as cur:
+                _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(loader.snapshot)))
                 _configure(cur, "64MB")
                 _execute(
                     cur,
@@ -478,7 +505,7 @@ class _Capture:
                         self.pairs_table,
                         self.stored(
                             sql.SQL("select {}, source_key, target_key from ({}) p").format(
-                                sql.Literal(m.morphism_id), sql.SQL(m.pairs_sql)
+                                sql.Literal(m.morphism_id), sql.SQL(pairs)
                             )
                         ),
                     ),
@@ -495,7 +522,7 @@ class _Capture:
     def drop_pairs_table(self, engine: Engine) -> None:
         """Drop the committed pairs' table of a capture that failed (its transaction has rolled back)."""
         if self.loader is not None:
-            self.loader.close()
+            self.loader.close(cancel=True)
         try:
             with engine.begin() as conn:
                 # Another capture of the run that took the lock since sweeps the table itself: waiting for it would
@@ -652,7 +679,7 @@ class _Capture:
                 return None
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
             if self.loader is not None:
-                self.loader.submit(m)
+                self.loader.check()
         sources = _derived_fates(plan)
         if sources is None:
             logger.info(
@@ -680,17 +707,10 @@ class _Capture:
         if identity:
             mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
-            m.pairs_sql = f"select k as source_key, k as target_key from ({m.output_sql()}) o"
         elif carried is not None:
             mapped = self.tally(f"select {carried} as k from {relation_of(m.model).sql()} group by 1")
             pairs, targets = output["count"], output["count"]
-            # Rows of the built relation may repeat a pair unless a test proved the model's key unique.
-            m.pairs_sql = m.built_pairs_sql(carried)
-            if not m.model_unique:
-                m.pairs_sql = f"select distinct * from ({m.pairs_sql}) p"
         else:
-            # When the digests balance, each source key reaches the output once: the rows are distinct pairs.
-            m.pairs_sql = d.mapped_rows_sql
             # The SQL re-derives the output keys: each must be in the built relation, or a record went missing
             # after the build (then only the key sets, followed downstream, can tell where).
             row = self.row(
@@ -775,7 +795,7 @@ class _Capture:
     def discard(self) -> None:
         """Forget what `accounted` wrote and loaded, before the exact capture writes it again."""
         if self.loader is not None:
-            self.loader.close()
+            self.loader.close(cancel=True)
             self.loader = None
         for table in ("filtered", "errored"):
             _execute(self.cur, sql.SQL("truncate {}").format(_part(table, self.run_id)))
@@ -832,7 +852,7 @@ class _Capture:
 
 
 class _Loader:
-    """Loads accounted morphisms' pairs on `workers` connections while the capture goes on."""
+    """Loads the morphisms' pairs on `workers` connections while the capture accounts them."""
 
     def __init__(self, job: _Capture, engine: Engine, snapshot: str, workers: int) -> None:
         self.job = job
@@ -840,21 +860,53 @@ class _Loader:
         self.snapshot = snapshot
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cdme-capture")
         self.futures: list[Future[None]] = []
+        self.lock = threading.Lock()
+        self.loading: set[psycopg.Connection[Any]] = set()
+        self.cancelled = False
 
-    def submit(self, m: Morphism) -> None:
-        self.futures.append(self.pool.submit(self.job.load, self.engine, self.snapshot, m))
+    def submit(self, m: Morphism, pairs: str) -> None:
+        self.futures.append(self.pool.submit(self.job.load, self, m, pairs))
+
+    @contextmanager
+    def running(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """While a load runs on `conn`: `close(cancel=True)` cancels its statement then."""
+        with self.lock:
+            if self.cancelled:
+                msg = "the capture was abandoned before this load started"
+                raise psycopg.errors.QueryCanceled(msg)
+            self.loading.add(conn)
+        try:
+            yield
+        finally:
+            # Before the connection goes back to the pool: a cancel must never reach another request's statement.
+            with self.lock:
+                self.loading.discard(conn)
+
+    def check(self) -> None:
+        """Raise the error of a load that failed already, if one has: the capture then ends without the others."""
+        for future in self.futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                future.result()
 
     def wait(self) -> None:
-        """Wait for every load; a failed one raises (in the order they were submitted), after the others ended."""
-        try:
-            for future in self.futures:
-                future.result()
-        finally:
-            self.close()
+        """Wait for every load, or until one fails: its error is raised, and the caller cancels the others."""
+        futures_wait(self.futures, return_when=FIRST_EXCEPTION)
+        self.check()
+        self.close()
 
-    def close(self) -> None:
-        """Cancel the loads not yet started and wait for those running."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, cancel: bool = False) -> None:
+        """Drop the loads not yet started, cancel the running ones if asked, and wait for them to end."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if cancel:
+            with self.lock:
+                self.cancelled = True
+                for conn in self.loading:
+                    try:
+                        conn.cancel_safe(timeout=5.0)
+                    except psycopg.Error:
+                        # The load then runs to its end, and waiting for it costs time but loses nothing.
+                        logger.warning("could not cancel a load", exc_info=True)
+        self.pool.shutdown(wait=True)
 
 
 def _configure(cur: psycopg.Cursor[Any], maintenance_work_mem: str) -> None:
@@ -1095,7 +1147,7 @@ def capture(
             with raw.cursor() as cur:
                 job = _Capture(cur, run_id, epoch, lineage_mode, sample_rate)
                 job.prepare()
-                job.start_loading(engine, workers)
+                job.start_loading(engine, workers, plan)
                 # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
                 derived = job.accounted(plan)
                 if derived is None:

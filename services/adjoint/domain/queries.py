@@ -353,13 +353,19 @@ def for_run(query: str, run_id: str) -> str:
     return query.replace(_RUN_MAPPED, f'{SCHEMA}."{partition_name("mapped", run_id)}"')
 
 
-def _keyed(column: str, value: str) -> str:
-    """`column = value` for a key column of `mapped`, in the form its indexes answer (migration 0004).
+def _keyed(column: str, value: str, morphism: str) -> str:
+    """`column = value` in morphism `morphism`, for a key column of `mapped`, as its indexes answer (migration 0005).
 
-    The indexes hold the key's 32-bit hash: the hash finds the rows, the text comparison keeps only the key's own
-    (a collision costs a row read, never a wrong answer).
+    The indexes hold one 64-bit hash of the key seeded with the morphism: the hash finds the rows, the comparisons
+    keep only the morphism's own rows of the key (a collision costs a row read, never a wrong answer). `column`
+    names its relation (`x.source_key`), whose `morphism_id` the condition reads too.
     """
-    return f"hashtext({column}) = hashtext({value}) and {column} = {value}"
+    owner = column.rpartition(".")[0]
+    row_morphism = f"{owner}.morphism_id"
+    return (
+        f"hashtextextended({column}, {row_morphism}) = hashtextextended({value}, {morphism}) "
+        f"and {row_morphism} = {morphism} and {column} = {value}"
+    )
 
 
 def _sources_of(
@@ -383,12 +389,12 @@ def _sources_of(
     ordered = "" if first is None else f" order by x.source_key limit {first}"
     return (
         f"((select x.source_key from {mapped} x where {when} and x.run_id = {run} "
-        f"and x.morphism_id = {morphism} and {_keyed('x.target_key', target)} and not {CARRIED}{ordered}) "
+        f"and {_keyed('x.target_key', target, morphism)} and not {CARRIED}{ordered}) "
         "union all "
         f"(select x.source_key from generate_series(1, greatest(1, cardinality(string_to_array({target}, '|')))) "
         "as c(n) "
-        f"join {mapped} x on x.run_id = {run} and x.morphism_id = {morphism} "
-        f"and {_keyed('x.source_key', prefix)} and x.target_key = {target} where {when}))"
+        f"join {mapped} x on x.run_id = {run} "
+        f"and {_keyed('x.source_key', prefix, morphism)} and x.target_key = {target} where {when}))"
     )
 
 
@@ -455,7 +461,7 @@ with recursive walk(uid, k, path, depth) as (
     select e.model, m.target_key, w.path || e.model, w.depth + 1
     from walk w
     join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.up = w.uid
-    join {_RUN_MAPPED} m on m.run_id = %(run)s and m.morphism_id = e.id and {_keyed("m.source_key", "w.k")}
+    join {_RUN_MAPPED} m on m.run_id = %(run)s and {_keyed("m.source_key", "w.k", "e.id")}
     where w.depth < %(depth)s
 )
 select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
@@ -787,8 +793,8 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
 _CHECK_KEY = (
     "select exists (select 1 from unnest(%(ids)s::int[]) as i(id) "
     f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
-    f"or exists (select 1 from {_RUN_MAPPED} where run_id = %(run)s and morphism_id = any(%(ups)s) "
-    f"and {_keyed('source_key', '%(k)s')}) as exists"
+    f"or exists (select 1 from unnest(%(ups)s::int[]) as u(id) join {_RUN_MAPPED} x on x.run_id = %(run)s "
+    f"and {_keyed('x.source_key', '%(k)s', 'u.id')}) as exists"
 )
 
 
