@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
@@ -385,6 +385,23 @@ _INDEXES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 }
 
 
+def _index_definitions(table: str) -> list[tuple[str, sql.Composable]]:
+    """The indexes of a run's partition of `table`: each one's name suffix and its definition after `ON table`."""
+    return [
+        (
+            suffix,
+            sql.SQL("({}){}").format(sql.SQL(columns), sql.SQL("" if where is None else f" where {where}")),
+        )
+        for suffix, columns, where in _INDEXES[table]
+    ]
+
+
+def _create_index(index: str, table: sql.Composable, definition: sql.Composable) -> sql.Composed:
+    # No ANALYZE before: a build sizes its parallel workers from the table's pages, and sampling a fresh table's
+    # pages costs as much as a third of a scan of it.
+    return sql.SQL("create index {} on {} {}").format(sql.Identifier(index), table, definition)
+
+
 def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
     """The checkpoint envelope of the keys `keys_sql` selects (column `k`).
 
@@ -485,31 +502,23 @@ class _Capture:
             return
         self.loader = _Loader(self, engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers)
         for m in plan.morphisms:
-            self.loader.submit(m, m.accounted_pairs_sql(single_driver=plan.single_driver(m)))
+            self.loader.submit(self.load, m, m.accounted_pairs_sql(single_driver=plan.single_driver(m)))
 
     def load(self, loader: _Loader, m: Morphism, pairs: str) -> None:
-        """Insert the pairs `pairs` selects (as the mode stores them) on a connection that reads `loader`'s snapshot."""
+        """Insert the pairs `pairs` selects (as the mode stores them), reading the capture's snapshot."""
         begun = time.perf_counter()
-        with (
-            loader.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
-            conn.begin(),
-        ):
-            raw = conn.connection.driver_connection
-            assert isinstance(raw, psycopg.Connection)
-            with loader.running(raw), raw.cursor() as cur:
-                _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(loader.snapshot)))
-                _configure(cur, "64MB")
-                _execute(
-                    cur,
-                    sql.SQL("insert into {} {}").format(
-                        self.pairs_table,
-                        self.stored(
-                            sql.SQL("select {}, source_key, target_key from ({}) p").format(
-                                sql.Literal(m.morphism_id), sql.SQL(pairs)
-                            )
-                        ),
+        with loader.session(snapshot=True, maintenance_work_mem="64MB") as cur:
+            _execute(
+                cur,
+                sql.SQL("insert into {} {}").format(
+                    self.pairs_table,
+                    self.stored(
+                        sql.SQL("select {}, source_key, target_key from ({}) p").format(
+                            sql.Literal(m.morphism_id), sql.SQL(pairs)
+                        )
                     ),
-                )
+                ),
+            )
         logger.debug(
             "pairs stored",
             extra={
@@ -652,9 +661,17 @@ class _Capture:
         return tuple(found)
 
     def envelope(self, keys_sql: str) -> dict[str, Any]:
-        """A relation's envelope, computed once per capture (a model's output is its consumers' input)."""
+        """A relation's envelope, computed once per capture (a model's output is its consumers' input).
+
+        Only key_derivable runs store envelopes; the other modes account with the count and digest alone, and
+        skip the text comparisons of min and max.
+        """
         if keys_sql not in self.envelopes:
-            self.envelopes[keys_sql] = envelope_of(self.cur, keys_sql)
+            if self.mode == "key_derivable":
+                self.envelopes[keys_sql] = envelope_of(self.cur, keys_sql)
+            else:
+                tally = self.tally(keys_sql)
+                self.envelopes[keys_sql] = {"count": tally.count, "digest": str(tally.digest)}
         return self.envelopes[keys_sql]
 
     def accounted(self, plan: CapturePlan) -> list[dict[str, Any]] | None:
@@ -802,39 +819,50 @@ class _Capture:
         _execute(self.cur, sql.SQL("truncate {}").format(self.pairs_table))
 
     def finish(self) -> None:
+        name = partition_name("mapped", self.run_id)
+        indexed = self.loader is not None
         if self.loader is not None:
             self.loader.wait()
+            # Side by side on the loaders' connections: the serial phases of one build (its final merge, writing the
+            # index out) leave a core to the other.
+            for suffix, definition in _index_definitions("mapped"):
+                self.loader.submit(self.build_index, f"{self.staging}_{suffix}", definition)
+            self.loader.wait()
+            self.loader.close()
         _execute(
-            self.cur,
-            sql.SQL("alter table {} rename to {}").format(
-                self.pairs_table, sql.Identifier(partition_name("mapped", self.run_id))
-            ),
+            self.cur, sql.SQL("alter table {} rename to {}").format(self.pairs_table, sql.Identifier(name))
         )
         for table in PARTITIONED:
+            for suffix, definition in _index_definitions(table):
+                index = f"{partition_name(table, self.run_id)}_{suffix}"
+                if table == "mapped" and indexed:
+                    _execute(
+                        self.cur,
+                        sql.SQL("alter index {}.{} rename to {}").format(
+                            sql.Identifier(SCHEMA),
+                            sql.Identifier(f"{self.staging}_{suffix}"),
+                            sql.Identifier(index),
+                        ),
+                    )
+                else:
+                    _execute(self.cur, _create_index(index, _part(table, self.run_id), definition))
             self.seal(table)
 
+    def build_index(self, loader: _Loader, index: str, definition: sql.Composable) -> None:
+        """Build an index of the committed pairs' table on a connection of its own."""
+        with loader.session(snapshot=False, maintenance_work_mem="1GB") as cur:
+            _execute(cur, _create_index(index, self.pairs_table, definition))
+
     def seal(self, table: str) -> None:
-        """Index the run's freshly loaded partition of `table`, give it its `run_id`, and attach it."""
+        """Give the run's freshly loaded and indexed partition of `table` its `run_id`, and attach it."""
         part, name = _part(table, self.run_id), partition_name(table, self.run_id)
-        # Statistics first: an index build sizes its parallel workers from them, and has none without.
-        _execute(self.cur, sql.SQL("analyze {}").format(part))
-        for suffix, columns, where in _INDEXES[table]:
-            _execute(
-                self.cur,
-                sql.SQL("create index {} on {} ({}){}").format(
-                    sql.Identifier(f"{name}_{suffix}"),
-                    part,
-                    sql.SQL(columns),
-                    sql.SQL("" if where is None else f" where {where}"),
-                ),
-            )
         # A default that is not volatile is stored once in the catalog, not in the rows.
         _execute(
             self.cur,
             sql.SQL("alter table {} add column run_id text not null default {}").format(part, self.run),
         )
-        # Again: the planner estimates lookups by a key's hash from the statistics of the index expressions, and a
-        # filter on run_id from its own.
+        # The planner estimates lookups by a key's hash from the statistics of the index expressions, and a filter
+        # on run_id from its own.
         _execute(self.cur, sql.SQL("analyze {}").format(part))
         # The CHECK lets ATTACH skip its validating scan of the freshly loaded table.
         _execute(
@@ -852,7 +880,7 @@ class _Capture:
 
 
 class _Loader:
-    """Loads the morphisms' pairs on `workers` connections while the capture accounts them."""
+    """Loads the morphisms' pairs, then indexes them, on `workers` connections beside the capture's own."""
 
     def __init__(self, job: _Capture, engine: Engine, snapshot: str, workers: int) -> None:
         self.job = job
@@ -864,8 +892,24 @@ class _Loader:
         self.loading: set[psycopg.Connection[Any]] = set()
         self.cancelled = False
 
-    def submit(self, m: Morphism, pairs: str) -> None:
-        self.futures.append(self.pool.submit(self.job.load, self, m, pairs))
+    def submit(self, work: Callable[..., None], *args: Any) -> None:
+        """Run `work(self, *args)` on one of the workers."""
+        self.futures.append(self.pool.submit(work, self, *args))
+
+    @contextmanager
+    def session(self, *, snapshot: bool, maintenance_work_mem: str) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor in a transaction of its own, reading the capture's snapshot if asked, that `close` can cancel."""
+        with (
+            self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
+            conn.begin(),
+        ):
+            raw = conn.connection.driver_connection
+            assert isinstance(raw, psycopg.Connection)
+            with self.running(raw), raw.cursor() as cur:
+                if snapshot:
+                    _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(self.snapshot)))
+                _configure(cur, maintenance_work_mem)
+                yield cur
 
     @contextmanager
     def running(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
@@ -889,10 +933,9 @@ class _Loader:
                 future.result()
 
     def wait(self) -> None:
-        """Wait for every load, or until one fails: its error is raised, and the caller cancels the others."""
+        """Wait for all the work submitted, or until a piece fails: its error is raised, the caller cancels the rest."""
         futures_wait(self.futures, return_when=FIRST_EXCEPTION)
         self.check()
-        self.close()
 
     def close(self, *, cancel: bool = False) -> None:
         """Drop the loads not yet started, cancel the running ones if asked, and wait for them to end."""
