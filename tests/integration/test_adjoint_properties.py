@@ -126,6 +126,9 @@ def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: S
     with patch.object(capture_module._Capture, "accounted", return_value=None):
         capture(db.engine, exact, date(2026, 11, 20), "full", CapturePlan(morphisms, []))
     assert _accounting(db, exact) == _accounting(db, run_id)
+    # The pairs the loaders stored before the fallback are gone: none twice.
+    stored = "select count(*) from cdme_adjoint.mapped where run_id = %s"
+    assert db.execute(stored, (exact,)) == db.execute(stored, (run_id,))
     return run_id
 
 
@@ -203,6 +206,17 @@ def test_iso_with_a_composite_key_is_its_own_inverse(db: Db, rows: dict[tuple[st
     assert status == {"iso_m": "exact"}
     for c, n, _ in data[:3]:
         assert _backward(db, run_id, "iso_m", _k(c, n)) == {("src", _k(c, n))}
+
+
+def test_a_declared_iso_that_merges_keys_is_a_violation_naming_them(db: Db) -> None:
+    src = _entity("src", ["id"], source=True)
+    # Trades 2 and 3 both become record 1, so backward(forward(2)) holds 3 as well.
+    model = Model("half", "select id / 2 as g, v from p.src", ["g"], "iso", [src])
+    run_id = _run(db, {"src": ("id int, v int", [(1, 0), (2, 0), (3, 0), (4, 0)])}, [model])
+    assert _pairs(db, run_id, "half") == {(_k(1), _k(0)), (_k(2), _k(1)), (_k(3), _k(1)), (_k(4), _k(2))}
+    (result,) = queries.reconcile(db.engine, run_id)["morphisms"]
+    assert result["status"] == "violation"
+    assert result["samples"] == [_k(2)]
 
 
 @EXAMPLES

@@ -301,6 +301,18 @@ def test_capture_is_idempotent_and_reconciles(built: Built, caplog: pytest.LogCa
     assert statuses["stg_trades"] == "exact" and statuses["int_trades_active"] == "superset"
 
 
+def test_a_full_runs_pair_indexes_are_the_partitions_of_the_parents(built: Built, full_run: str) -> None:
+    # Built on the loaders' connections and renamed: ATTACH adopts them only if they match the parent's
+    # definitions exactly, and would otherwise build a second pair, unnoticed.
+    part = f"mapped_r{uuid.UUID(full_run).hex}"
+    assert built.rows(
+        "select i.relname, p.relname from pg_index x join pg_class i on i.oid = x.indexrelid "
+        "left join pg_inherits h on h.inhrelid = i.oid left join pg_class p on p.oid = h.inhparent "
+        "where x.indrelid = %s::regclass order by 1",
+        (f"cdme_adjoint.{part}",),
+    ) == [(f"{part}_backward", "mapped_backward_idx"), (f"{part}_forward", "mapped_forward_idx")]
+
+
 def _stray_tables(built: Built, run_id: str) -> list[str]:
     """The tables named after the run's partition of `mapped` that are not attached to `mapped`."""
     return [

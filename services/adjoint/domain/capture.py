@@ -5,10 +5,11 @@ SQL of `derive` runs as `INSERT ... SELECT` into fresh tables that become the ru
 `cdme_adjoint.mapped`, `filtered` and `errored`; no key set ever travels to Python. Everything that decides the
 run's metadata happens in one transaction: the previous capture of the run (if any) is dropped and the new
 partitions attached at commit, so capturing twice yields the same rows, never duplicates, and a failed capture
-leaves the previous one. The pairs are the one exception: unless the run needs key sets, `workers` connections of
-their own load them into the table that becomes the run's partition of `mapped`, each morphism as soon as its
-digests balance, reading the relations as they were when the capture began. That table is committed but attached
-to nothing until the capture commits, and dropped if it fails (a capture of the run sweeps any a crash left).
+leaves the previous one. The pairs are the one exception: `workers` connections of their own load every morphism's
+pairs into the table that becomes the run's partition of `mapped` while the capture accounts the morphisms, reading
+the relations as the capture's transaction saw them when it began, then index it. That table is committed but
+attached to nothing until the capture commits, emptied if the run turns out to need key sets, and dropped if the
+capture fails (a capture of the run sweeps any a crash left).
 
 Per morphism (model M, driving upstream U), with `input` the keys of U (of the run's epoch, when U is a source
 with an `epoch_column`):
@@ -165,7 +166,7 @@ class Morphism:
         return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
 
     def accounted_pairs_sql(self, *, single_driver: bool) -> str:
-        """The pairs digest accounting proves, and a full run stores once it does.
+        """The pairs digest accounting proves, which a full run stores (and discards if they do not balance).
 
         Read from the built relation where the output key carries the upstream key (`carried_key`); otherwise
         the derivation's rows, which are distinct pairs once the digests balance (each source key reaches the
@@ -498,9 +499,11 @@ class _Capture:
                 .format(self.pairs_table, sql.SQL(_columns_of("mapped")))
                 .as_string()
             )
-        if self.mode == "key_derivable":
+        # Digests cannot prove a de-duplicating morphism balanced: the run needs key sets, and its pairs their
+        # exact-path SQL.
+        if self.mode == "key_derivable" or any(m.derivation.deduplicates for m in plan.morphisms):
             return
-        self.loader = _Loader(self, engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers)
+        self.loader = _Loader(engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers)
         for m in plan.morphisms:
             self.loader.submit(self.load, m, m.accounted_pairs_sql(single_driver=plan.single_driver(m)))
 
@@ -530,9 +533,9 @@ class _Capture:
 
     def drop_pairs_table(self, engine: Engine) -> None:
         """Drop the committed pairs' table of a capture that failed (its transaction has rolled back)."""
-        if self.loader is not None:
-            self.loader.close(cancel=True)
         try:
+            if self.loader is not None:
+                self.loader.close(cancel=True)
             with engine.begin() as conn:
                 # Another capture of the run that took the lock since sweeps the table itself: waiting for it would
                 # hold this failed request until that capture commits.
@@ -682,9 +685,9 @@ class _Capture:
         collisions) that the three partitions are disjoint and cover the input: a key mapped twice, or both
         mapped and errored, adds its hash twice. The mapped keys of a morphism whose output key carries the
         upstream key unchanged (and that is not incremental) are read from the built relation, which is also
-        how rows deleted from it after the build show up. Only the keys of filtered rows and the error sink's
-        rows are written, as in any mode; the caller falls back to the exact set-based capture when this
-        returns None.
+        how rows deleted from it after the build show up. The keys of filtered rows and the error sink's rows
+        are written, as in any mode, while the loaders store the pairs; the caller discards all of it and falls
+        back to the exact set-based capture when this returns None.
         """
         for m in plan.morphisms:
             begun = time.perf_counter()
@@ -882,14 +885,15 @@ class _Capture:
 class _Loader:
     """Loads the morphisms' pairs, then indexes them, on `workers` connections beside the capture's own."""
 
-    def __init__(self, job: _Capture, engine: Engine, snapshot: str, workers: int) -> None:
-        self.job = job
+    def __init__(self, engine: Engine, snapshot: str, workers: int) -> None:
         self.engine = engine
         self.snapshot = snapshot
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cdme-capture")
         self.futures: list[Future[None]] = []
         self.lock = threading.Lock()
         self.loading: set[psycopg.Connection[Any]] = set()
+        # Connections a cancel may still reach late: they never go back to the pool.
+        self.uncancelled: set[psycopg.Connection[Any]] = set()
         self.cancelled = False
 
     def submit(self, work: Callable[..., None], *args: Any) -> None:
@@ -905,15 +909,21 @@ class _Loader:
         ):
             raw = conn.connection.driver_connection
             assert isinstance(raw, psycopg.Connection)
-            with self.running(raw), raw.cursor() as cur:
-                if snapshot:
-                    _execute(cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(self.snapshot)))
-                _configure(cur, maintenance_work_mem)
-                yield cur
+            try:
+                with self.running(raw), raw.cursor() as cur:
+                    if snapshot:
+                        _execute(
+                            cur, sql.SQL("set transaction snapshot {}").format(sql.Literal(self.snapshot))
+                        )
+                    _configure(cur, maintenance_work_mem)
+                    yield cur
+            finally:
+                if raw in self.uncancelled:
+                    conn.invalidate()
 
     @contextmanager
     def running(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
-        """While a load runs on `conn`: `close(cancel=True)` cancels its statement then."""
+        """While a load or an index build runs on `conn`: `close(cancel=True)` cancels its statement then."""
         with self.lock:
             if self.cancelled:
                 msg = "the capture was abandoned before this load started"
@@ -936,6 +946,8 @@ class _Loader:
         """Wait for all the work submitted, or until a piece fails: its error is raised, the caller cancels the rest."""
         futures_wait(self.futures, return_when=FIRST_EXCEPTION)
         self.check()
+        # Only `close` cancels work; pairs missing from a table about to be attached must never pass unnoticed.
+        assert not any(future.cancelled() for future in self.futures), "a load was cancelled"
 
     def close(self, *, cancel: bool = False) -> None:
         """Drop the loads not yet started, cancel the running ones if asked, and wait for them to end."""
@@ -949,6 +961,7 @@ class _Loader:
                     except psycopg.Error:
                         # The load then runs to its end, and waiting for it costs time but loses nothing.
                         logger.warning("could not cancel a load", exc_info=True)
+                        self.uncancelled.add(conn)
         self.pool.shutdown(wait=True)
 
 

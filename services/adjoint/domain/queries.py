@@ -360,7 +360,8 @@ def _keyed(column: str, value: str, morphism: str) -> str:
     keep only the morphism's own rows of the key (a collision costs a row read, never a wrong answer). `column`
     names its relation (`x.source_key`), whose `morphism_id` the condition reads too.
     """
-    owner = column.rpartition(".")[0]
+    owner, dot, _name = column.rpartition(".")
+    assert dot, f"{column}: name the relation the key column belongs to"
     row_morphism = f"{owner}.morphism_id"
     return (
         f"hashtextextended({column}, {row_morphism}) = hashtextextended({value}, {morphism}) "
@@ -980,14 +981,19 @@ def impact(
 # -- reconcile ----------------------------------------------------------------------------------------------------
 
 
+# The keys that break iso-ness, per morphism: a source key mapped to several targets, or one of the source keys
+# that share a target. All the run's isos in two scans of its partition: the indexes lead with a key's hash, not
+# the morphism.
 _ISO = """
-select k from (
-    select source_key as k from {mapped} where run_id = %(run)s and morphism_id = %(m)s
-    group by source_key having count(*) > 1
-  union
-    select min(source_key) from {mapped} where run_id = %(run)s and morphism_id = %(m)s
-    group by target_key having count(*) > 1
-) bad order by k limit %(n)s
+select morphism_id, k from (
+    select morphism_id, k, row_number() over (partition by morphism_id order by k) as n from (
+        select morphism_id, source_key as k from {mapped} where run_id = %(run)s and morphism_id = any(%(ms)s)
+        group by morphism_id, source_key having count(*) > 1
+      union
+        select morphism_id, min(source_key) from {mapped} where run_id = %(run)s and morphism_id = any(%(ms)s)
+        group by morphism_id, target_key having count(*) > 1
+    ) bad
+) b where n <= %(n)s order by morphism_id, k
 """
 
 
@@ -1004,7 +1010,13 @@ def reconcile(engine: Engine, run_id: str, roles: frozenset[str] | None = None) 
     """
     report = partitions(engine, run_id, roles)
     results = []
+    not_iso: dict[int, list[str]] = {}
     with _connection(engine) as conn, _driver(conn).cursor(row_factory=dict_row) as cur:
+        isos = [m["morphism_id"] for m in report["morphisms"] if m["kind"] == "iso"]
+        if report["lineage_mode"] == "full" and isos:
+            cur.execute(for_run(_ISO, report["run_id"]), {"run": report["run_id"], "ms": isos, "n": SAMPLES})
+            for r in cur.fetchall():
+                not_iso.setdefault(r["morphism_id"], []).append(r["k"])
         for m in report["morphisms"]:
             problems: list[str] = []
             samples: list[str] = []
@@ -1016,17 +1028,10 @@ def reconcile(engine: Engine, run_id: str, roles: frozenset[str] | None = None) 
                 samples += m["overlap"]["samples"]
             status = "superset"
             if m["kind"] == "iso":
-                if report["lineage_mode"] == "full":
-                    cur.execute(
-                        for_run(_ISO, report["run_id"]),
-                        {"run": report["run_id"], "m": m["morphism_id"], "n": SAMPLES},
-                    )
-                    bad = [r["k"] for r in cur.fetchall()]
-                    if bad:
-                        problems.append(
-                            "iso: backward(forward(x)) != x (a key maps to several or shares one)"
-                        )
-                        samples += bad
+                bad = not_iso.get(m["morphism_id"], [])
+                if bad:
+                    problems.append("iso: backward(forward(x)) != x (a key maps to several or shares one)")
+                    samples += bad
                 lost = m["filtered"] + m["errored"]
                 if lost:
                     problems.append(f"iso: {lost} keys filtered or errored, so forward is not total")
