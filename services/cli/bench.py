@@ -118,16 +118,18 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
         f"{result['trades']:,} trades, epoch {result['epoch']}: dbt build {result['dbt_build_seconds']:.1f} s"
     ]
     for mode, figures in result["capture"].items():
+        rounds = "/".join(f"{seconds:.1f}" for seconds in figures.get("rounds_seconds", []))
         lines.append(
             f"capture {mode:<13} {figures['seconds']:8.2f} s  ({figures['ratio_to_build']:.2f}x the build, "
-            f"{figures['pairs']:,} pairs stored)"
+            f"{figures['pairs']:,} pairs stored; median of {rounds} s)"
         )
-    settled = ", ".join(
-        f"{phase.replace('_', ' ')} {'not allowed' if seconds is None else f'{seconds:.1f} s'}"
-        for phase, seconds in result.get("checkpoint_seconds", {}).items()
-    )
+    settled = result.get("checkpoint_seconds", {})
     if settled:
-        lines.append(f"checkpoints (untimed): {settled}")
+        done = [seconds for seconds in settled.values() if seconds is not None]
+        lines.append(
+            f"checkpoints before each timed phase (untimed): {len(done)} of {len(settled)} run, "
+            f"{sum(done):.1f} s in all, the longest {max(done, default=0):.1f} s"
+        )
     lines.append(f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included)")
     for where, label in (("in_database", "in the database"), ("over_http", "over HTTP")):
         for query, figures in result[where].items():
