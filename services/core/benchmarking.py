@@ -28,8 +28,11 @@ def machine(load: float | None) -> dict[str, Any]:
     }
 
 
-def settle(url: str) -> float | None:
+def settle(url: str, *, vacuum: bool = False) -> float | None:
     """Write out what earlier work left dirty (a CHECKPOINT), so the next timed phase does not pay for it.
+
+    With `vacuum`, first VACUUM the database: the maintenance autovacuum would otherwise start on the tables a
+    build just wrote, in the middle of a later phase.
 
     Returns the seconds it took, or None where the warehouse's role may not checkpoint (then the phases run
     unsettled, as they would in production).
@@ -37,6 +40,8 @@ def settle(url: str) -> float | None:
     started = time.perf_counter()
     try:
         with psycopg.connect(url, autocommit=True) as conn:
+            if vacuum:
+                conn.execute("vacuum")
             conn.execute("checkpoint")
     except psycopg.errors.InsufficientPrivilege:
         return None

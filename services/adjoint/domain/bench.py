@@ -191,6 +191,7 @@ def run_adjoint_benchmark(
             results = load_run_results(work / "target" / "run_results.json")
             config = load_project_config(settings.project_dir / "cdme.yml")
             migrate(engine, "adjoint")
+            settled["after_build"] = settle(url, vacuum=True)
             timings: dict[str, list[float]] = {mode: [] for mode in MODES}
             runs: dict[str, str] = {}
             pairs: dict[str, int] = {}
