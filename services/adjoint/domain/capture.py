@@ -677,8 +677,8 @@ class _Capture:
                 self.envelopes[keys_sql] = {"count": tally.count, "digest": str(tally.digest)}
         return self.envelopes[keys_sql]
 
-    def accounted(self, plan: CapturePlan) -> list[dict[str, Any]] | None:
-        """Account every morphism by digests instead of key sets, or None where that cannot prove balance.
+    def accounted(self, plan: CapturePlan) -> bool:
+        """Account every morphism by digests instead of key sets: whether that proved each one balanced.
 
         For each morphism, the count and digest of the input must equal the sums of those of the mapped, errored
         and filtered keys. Equal sums of 64-bit hashes over rows, not over distinct keys, prove (up to hash
@@ -687,7 +687,7 @@ class _Capture:
         upstream key unchanged (and that is not incremental) are read from the built relation, which is also
         how rows deleted from it after the build show up. The keys of filtered rows and the error sink's rows
         are written, as in any mode, while the loaders store the pairs; the caller discards all of it and falls
-        back to the exact set-based capture when this returns None.
+        back to the exact set-based capture when this returns False.
         """
         for m in plan.morphisms:
             begun = time.perf_counter()
@@ -696,17 +696,22 @@ class _Capture:
                     "digest accounting does not balance; capturing key sets",
                     extra={"run_id": self.run_id, "model": m.model.name, "upstream": m.upstream.name},
                 )
-                return None
+                return False
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
             if self.loader is not None:
                 self.loader.check()
-        sources = _derived_fates(plan)
-        if sources is None:
-            logger.info(
-                "end-to-end fates need key sets in this graph; capturing key sets",
-                extra={"run_id": self.run_id},
+        return True
+
+    def gather_pairs(self, plan: CapturePlan) -> None:
+        """Every balanced morphism's pairs in `_cdme_all_pairs`, for fates of a run that stores a sample or none."""
+        for m in plan.morphisms:
+            _execute(
+                self.cur,
+                sql.SQL("insert into _cdme_all_pairs select {}, source_key, target_key from ({}) p").format(
+                    sql.Literal(m.morphism_id),
+                    sql.SQL(m.accounted_pairs_sql(single_driver=plan.single_driver(m))),
+                ),
             )
-        return sources
 
     def account(self, m: Morphism, *, single_driver: bool) -> bool:
         assert m.upstream.key is not None and m.model.key is not None
@@ -1205,19 +1210,25 @@ def capture(
                 job.prepare()
                 job.start_loading(engine, workers, plan)
                 # Digests prove most runs balanced in a few passes; only a run they cannot prove needs key sets.
-                derived = job.accounted(plan)
-                if derived is None:
+                balanced = job.accounted(plan)
+                if not balanced:
                     job.discard()
                     for m in plan.morphisms:
                         begun = time.perf_counter()
                         job.morphism(m, single_driver=plan.single_driver(m))
                         _log_morphism(run_id, m, time.perf_counter() - begun)
                 job.finish()
-                sources = (
-                    derived
-                    if derived is not None
-                    else _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
-                )
+                sources = _derived_fates(plan) if balanced else None
+                if sources is None:
+                    if balanced:
+                        # The counts stand; only the fates need the pairs, which a full run has just stored.
+                        logger.info(
+                            "end-to-end fates need key sets in this graph; following the pairs",
+                            extra={"run_id": run_id},
+                        )
+                        if lineage_mode != "full":
+                            job.gather_pairs(plan)
+                    sources = _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
                 pairs = (
                     sum(int(m.stats["pairs"]) for m in plan.morphisms)
                     if lineage_mode == "full"
