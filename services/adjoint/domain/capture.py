@@ -828,7 +828,6 @@ class _Capture:
 
     def finish(self) -> None:
         name = partition_name("mapped", self.run_id)
-        indexed = self.loader is not None
         if self.loader is not None:
             self.loader.wait()
             # Side by side on the loaders' connections: the serial phases of one build (its final merge, writing the
@@ -843,7 +842,8 @@ class _Capture:
         for table in PARTITIONED:
             for suffix, definition in _index_definitions(table):
                 index = f"{partition_name(table, self.run_id)}_{suffix}"
-                if table == "mapped" and indexed:
+                # The loaders indexed the pairs' table under its staging name (none run on the exact path).
+                if table == "mapped" and self.loader is not None:
                     _execute(
                         self.cur,
                         sql.SQL("alter index {}.{} rename to {}").format(
