@@ -114,8 +114,10 @@ def bench_validate(
 
 def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
     """The lines `cdme bench adjoint` prints for a result of `run_adjoint_benchmark`."""
+    builds = "/".join(f"{seconds:.1f}" for seconds in result.get("dbt_build_rounds_seconds", []))
     lines = [
         f"{result['trades']:,} trades, epoch {result['epoch']}: dbt build {result['dbt_build_seconds']:.1f} s"
+        + (f" (median of {builds} s)" if builds else "")
     ]
     for mode, figures in result["capture"].items():
         rounds = "/".join(f"{seconds:.1f}" for seconds in figures.get("rounds_seconds", []))
