@@ -26,6 +26,7 @@ from services.adjoint.domain.capture import CapturePlan, Morphism, capture, rela
 from services.adjoint.domain.derive import derive
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import encode_key
+from services.core.errors import NotFoundError
 from services.core.ldm import Entity, RecordKey
 from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
@@ -383,6 +384,35 @@ def test_an_incremental_identity_model_accounts_only_this_runs_rows(
     assert morphism["unaccounted"]["count"] == morphism["overlap"]["count"] == 0
     (source,) = queries.partitions(db.engine, run_id)["sources"]
     assert source["fates"] == {"reached_output": len(today), "filtered": 0, "errored": 0, "unaccounted": 0}
+
+
+@pytest.mark.parametrize("mode", ["full", "key_derivable"])
+def test_a_sources_records_are_those_of_the_runs_epoch(db: Db, mode: LineageMode) -> None:
+    # The source holds two epochs, and a key in both: the run read, and records return, its epoch's row only.
+    db.execute("drop schema if exists p cascade; create schema p")
+    rows = [(1, 10, "2026-11-19"), (2, 20, "2026-11-19"), (1, 11, "2026-11-20"), (3, 31, "2026-11-20")]
+    _load(db, {"src": ("id int, amount int, epoch_date date", rows)})
+    sql = "select id, amount from p.src where epoch_date = date '2026-11-20'"
+    db.execute(f"create table p.m as {sql}")
+    src = Entity(**{**_entity("src", ["id"], source=True).model_dump(), "epoch_column": "epoch_date"})
+    model = _entity("m", ["id"])
+    derivation = derive(sql, "m", relation_of(src), ["id"], ["id"], relation_of(model))
+    run_id = str(uuid.uuid4())
+    capture(
+        db.engine,
+        run_id,
+        date(2026, 11, 20),
+        mode,
+        CapturePlan([Morphism(1, model, src, "iso", derivation, None)], []),
+    )
+    for key, amount in ((_k(1), 11), (_k(3), 31)):
+        (contribution,) = queries.backward(db.engine, "m", key, roles=None, run_id=run_id, records=True)[
+            "contributions"
+        ]
+        assert contribution["record"] == {"id": int(key), "amount": amount, "epoch_date": "2026-11-20"}
+    # A key only an earlier epoch holds was not this run's.
+    with pytest.raises(NotFoundError):
+        queries.backward(db.engine, "m", _k(2), roles=None, run_id=run_id, records=True)
 
 
 @EXAMPLES

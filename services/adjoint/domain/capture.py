@@ -126,13 +126,20 @@ class Morphism:
             )
         return self.derivation.mapped_sql
 
+    @property
+    def epoch_column(self) -> str | None:
+        """The column of a source upstream that holds a row's epoch: a run reads only its epoch's rows."""
+        if self.upstream.resource_type == "source" and self.upstream.epoch_column:
+            return self.upstream.epoch_column
+        return None
+
     def input_sql(self, epoch: date) -> str:
         """The `cdme-key/v1` key of each upstream row this run's morphism takes as input (one per row)."""
         assert self.upstream.key is not None
         key = key_sql_text(self.upstream.key.columns)
         text = f"select {key} as k from {relation_of(self.upstream).sql()}"
-        if self.upstream.resource_type == "source" and self.upstream.epoch_column:
-            column = sql.Identifier(self.upstream.epoch_column).as_string()
+        if self.epoch_column is not None:
+            column = sql.Identifier(self.epoch_column).as_string()
             text += f" where {column} = date '{epoch.isoformat()}'"
         return text
 
@@ -1291,7 +1298,7 @@ def _store_run(
         s = m.stats
         cur.execute(
             "insert into cdme_adjoint.morphisms values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 run_id,
                 m.morphism_id,
@@ -1324,6 +1331,7 @@ def _store_run(
                 json.dumps(s.get("envelopes")) if s.get("envelopes") else None,
                 # With several driving upstreams (a union) an output key need not come from this one.
                 s["identity"] and plan.single_driver(m),
+                m.epoch_column,
             ),
         )
     for src in sources:

@@ -65,6 +65,8 @@ class Edge:
     output_sql: str
     envelopes: dict[str, Any] | None
     identity: bool
+    # The column holding a source upstream's epoch (None for a model, or a run captured before it was recorded).
+    upstream_epoch_column: str | None
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,8 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
     cur.execute(
         "select morphism_id, model, unique_id, relation, upstream, upstream_unique_id, upstream_relation, kind, "
         "source_key_fields, target_key_fields, access, upstream_access, mapped_sql, input_sql, output_sql, "
-        "envelopes, identity from cdme_adjoint.morphisms where run_id = %s order by morphism_id",
+        "envelopes, identity, upstream_epoch_column from cdme_adjoint.morphisms where run_id = %s "
+        "order by morphism_id",
         (run_id,),
     )
     edges = []
@@ -534,7 +537,8 @@ def backward(
         run_id: The run to answer from (default: the latest run that captured `model`).
         to: Only contributions of this entity (e.g. `raw_trading.trades`).
         depth: At most this many hops.
-        records: Also return the contributing rows themselves (as they are now in the warehouse).
+        records: Also return the contributing rows themselves, as they are now in the warehouse (a source's of
+            the run's epoch).
         limit: Page size.
         cursor: The `next` of the previous page.
 
@@ -820,20 +824,32 @@ def _relation_sql(relation: str) -> sql.Composed:
 
 
 def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: list[dict[str, Any]]) -> None:
-    where: dict[str, tuple[str, tuple[str, ...]]] = {}
+    """Each contribution's row as it is now in the warehouse; a source's, of the run's epoch only.
+
+    A source that holds several epochs can hold a key in each: the run read the one of its epoch.
+    """
+    where: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
     for e in graph.edges:
-        where.setdefault(e.unique_id, (e.relation, e.target_key_fields))
-        where.setdefault(e.upstream_unique_id, (e.upstream_relation, e.source_key_fields))
+        where.setdefault(e.unique_id, (e.relation, e.target_key_fields, None))
+        where.setdefault(
+            e.upstream_unique_id, (e.upstream_relation, e.source_key_fields, e.upstream_epoch_column)
+        )
     by_uid: dict[str, list[dict[str, Any]]] = {}
     for c in contributions:
         by_uid.setdefault(c["unique_id"], []).append(c)
     for uid, items in by_uid.items():
-        relation, fields = where[uid]
+        relation, fields, epoch_column = where[uid]
+        key = _raw(key_sql_text(fields, "r"))
+        in_epoch = (
+            sql.SQL("true")
+            if epoch_column is None
+            else sql.SQL("r.{} = %(epoch)s::date").format(sql.Identifier(epoch_column))
+        )
         cur.execute(
-            sql.SQL("select {} as k, to_jsonb(r) as record from {} r where {} = any(%(keys)s)").format(
-                _raw(key_sql_text(fields, "r")), _relation_sql(relation), _raw(key_sql_text(fields, "r"))
+            sql.SQL("select {} as k, to_jsonb(r) as record from {} r where {} = any(%(keys)s) and {}").format(
+                key, _relation_sql(relation), key, in_epoch
             ),
-            {"keys": [c["key"] for c in items]},
+            {"keys": [c["key"] for c in items], "epoch": graph.epoch},
         )
         found: dict[str, Any] = {}
         for r in cur.fetchall():
