@@ -49,7 +49,7 @@ def _capture(
     return run_id
 
 
-def _walk(engine: Engine, run_id: str, key: str) -> dict[str, Any]:
+def _walk(engine: Engine, run_id: str, key: str, *, records: bool = False) -> dict[str, Any]:
     contributions: list[dict[str, Any]] = []
     cursor = None
     while True:
@@ -60,6 +60,7 @@ def _walk(engine: Engine, run_id: str, key: str) -> dict[str, Any]:
             roles=None,
             run_id=run_id,
             to="raw_trading.trades",
+            records=records,
             limit=50,
             cursor=cursor,
         )
@@ -91,11 +92,14 @@ def test_backward_from_a_monthly_key_follows_earlier_epochs_into_the_runs_that_b
 
         for mode in ("full", "key_derivable"):
             second_run = _capture(engine, SECOND_EPOCH, second, mode)
-            answer = _walk(engine, second_run, key)
+            answer = _walk(engine, second_run, key, records=True)
             by_run: dict[str, set[str]] = {}
+            epochs = {first_run: str(FIRST_EPOCH), second_run: str(SECOND_EPOCH)}
             for c in answer["contributions"]:
                 by_run.setdefault(c["run_id"], set()).add(c["key"])
                 assert c["path"][0] == "fct_monthly_positions" and c["path"][-1] == "raw_trading.trades"
+                # The trade's row of the epoch of the run that found it.
+                assert (c["record"]["trade_id"], c["record"]["epoch_date"]) == (c["key"], epochs[c["run_id"]])
             assert by_run == {second_run: later, first_run: earlier}, mode
             assert answer["unresolved"] == []
 

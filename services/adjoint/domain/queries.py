@@ -824,9 +824,10 @@ def _relation_sql(relation: str) -> sql.Composed:
 
 
 def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: list[dict[str, Any]]) -> None:
-    """Each contribution's row as it is now in the warehouse; a source's, of the run's epoch only.
+    """Each contribution's row as it is now in the warehouse; a source's, of its run's epoch only.
 
-    A source that holds several epochs can hold a key in each: the run read the one of its epoch.
+    A source that holds several epochs can hold a key in each: the run read the one of its epoch. A contribution
+    found in an earlier run (`_walk_across_runs`) is of that run's epoch.
     """
     where: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
     for e in graph.edges:
@@ -834,10 +835,18 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
         where.setdefault(
             e.upstream_unique_id, (e.upstream_relation, e.source_key_fields, e.upstream_epoch_column)
         )
-    by_uid: dict[str, list[dict[str, Any]]] = {}
+    epochs = {graph.run_id: graph.epoch}
+    earlier = sorted({c["run_id"] for c in contributions} - epochs.keys())
+    if earlier:
+        cur.execute(
+            "select run_id, epoch::text as epoch from cdme_adjoint.runs where run_id = any(%s)", (earlier,)
+        )
+        epochs.update((r["run_id"], r["epoch"]) for r in cur.fetchall())
+    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for c in contributions:
-        by_uid.setdefault(c["unique_id"], []).append(c)
-    for uid, items in by_uid.items():
+        epoch = epochs[c["run_id"]] if where[c["unique_id"]][2] is not None else None
+        groups.setdefault((c["unique_id"], epoch), []).append(c)
+    for (uid, epoch), items in groups.items():
         relation, fields, epoch_column = where[uid]
         key = _raw(key_sql_text(fields, "r"))
         in_epoch = (
@@ -849,7 +858,7 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
             sql.SQL("select {} as k, to_jsonb(r) as record from {} r where {} = any(%(keys)s) and {}").format(
                 key, _relation_sql(relation), key, in_epoch
             ),
-            {"keys": [c["key"] for c in items], "epoch": graph.epoch},
+            {"keys": [c["key"] for c in items], "epoch": epoch},
         )
         found: dict[str, Any] = {}
         for r in cur.fetchall():
