@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from services.adjoint.domain import capture as capture_module
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import CapturePlan, Morphism, capture, relation_of
-from services.adjoint.domain.derive import derive
+from services.adjoint.domain.derive import Derivation, derive
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import encode_key
 from services.core.errors import NotFoundError
@@ -176,6 +176,19 @@ def _backward(db: Db, run_id: str, model: str, key: str, to: str | None = None) 
     answer = queries.backward(db.engine, model, key, roles=None, run_id=run_id, to=to, limit=10_000)
     assert answer["next"] is None
     return {(c["entity"], c["key"]) for c in answer["contributions"]}
+
+
+def _capture_iso(db: Db, mode: LineageMode, model: Entity, src: Entity, derivation: Derivation) -> str:
+    """Capture a run of the one iso morphism `src` -> `model` on 2026-11-20; its run id."""
+    run_id = str(uuid.uuid4())
+    capture(
+        db.engine,
+        run_id,
+        date(2026, 11, 20),
+        mode,
+        CapturePlan([Morphism(1, model, src, "iso", derivation, None)], []),
+    )
+    return run_id
 
 
 def _k(*parts: Any) -> str:
@@ -371,14 +384,7 @@ def test_an_incremental_identity_model_accounts_only_this_runs_rows(
     derivation = derive(
         sql, "inc", relation_of(src), ["id", "epoch_date"], ["id", "epoch_date"], relation_of(model)
     )
-    run_id = str(uuid.uuid4())
-    capture(
-        db.engine,
-        run_id,
-        date(2026, 11, 20),
-        mode,
-        CapturePlan([Morphism(1, model, src, "iso", derivation, None)], []),
-    )
+    run_id = _capture_iso(db, mode, model, src, derivation)
     morphism = _morphism(db, run_id, "inc")
     assert (morphism["input"], morphism["mapped"], morphism["output"]) == (len(today),) * 3
     assert morphism["unaccounted"]["count"] == morphism["overlap"]["count"] == 0
@@ -397,14 +403,7 @@ def test_a_sources_records_are_those_of_the_runs_epoch(db: Db, mode: LineageMode
     src = Entity(**{**_entity("src", ["id"], source=True).model_dump(), "epoch_column": "epoch_date"})
     model = _entity("m", ["id"])
     derivation = derive(sql, "m", relation_of(src), ["id"], ["id"], relation_of(model))
-    run_id = str(uuid.uuid4())
-    capture(
-        db.engine,
-        run_id,
-        date(2026, 11, 20),
-        mode,
-        CapturePlan([Morphism(1, model, src, "iso", derivation, None)], []),
-    )
+    run_id = _capture_iso(db, mode, model, src, derivation)
     for key, amount in ((_k(1), 11), (_k(3), 31)):
         (contribution,) = queries.backward(db.engine, "m", key, roles=None, run_id=run_id, records=True)[
             "contributions"

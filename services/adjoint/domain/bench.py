@@ -180,6 +180,7 @@ def run_adjoint_benchmark(
             runs: dict[str, str] = {}
             pairs: dict[str, int] = {}
             config = load_project_config(settings.project_dir / "cdme.yml")
+            migrate(engine, "adjoint")
             # Rounds of a build and every mode's capture of it, so that a slow spell of the machine does not fall
             # on one phase only: the build's time varies as much as a capture's.
             for round_ in range(1, ROUNDS + 1):
@@ -201,8 +202,6 @@ def run_adjoint_benchmark(
                     raise DbtError(msg)
                 manifest = load_manifest(target / "manifest.json")
                 results = load_run_results(target / "run_results.json")
-                if round_ == 1:
-                    migrate(engine, "adjoint")
                 settled[f"after_build_{round_}"] = settle(url, vacuum=True)
                 for mode in MODES:
                     settled[f"before_capture_{mode}_{round_}"] = settle(url)
