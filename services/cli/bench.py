@@ -123,7 +123,7 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
         rounds = "/".join(f"{seconds:.1f}" for seconds in figures.get("rounds_seconds", []))
         lines.append(
             f"capture {mode:<13} {figures['seconds']:8.2f} s  ({figures['ratio_to_build']:.2f}x the build, "
-            f"{figures['pairs']:,} pairs stored; median of {rounds} s)"
+            f"{figures['pairs']:,} pairs; median of {rounds} s)"
         )
     settled = result.get("checkpoint_seconds", {})
     if settled:
@@ -132,7 +132,11 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
             f"checkpoints before each timed phase (untimed): {len(done)} of {len(settled)} run, "
             f"{sum(done):.1f} s in all, the longest {max(done, default=0):.1f} s"
         )
-    lines.append(f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included)")
+    lines.append(
+        f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included; "
+        f"{result.get('stored_pairs', result['capture']['full']['pairs']):,} of "
+        f"{result['capture']['full']['pairs']:,} pairs stored, the rest implied by identities)"
+    )
     for where, label in (("in_database", "in the database"), ("over_http", "over HTTP")):
         for query, figures in result[where].items():
             lines.append(

@@ -127,9 +127,14 @@ def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: S
     with patch.object(capture_module._Capture, "accounted", return_value=False):
         capture(db.engine, exact, date(2026, 11, 20), "full", CapturePlan(morphisms, []))
     assert _accounting(db, exact) == _accounting(db, run_id)
-    # The pairs the loaders stored before the fallback are gone: none twice.
+    # The pairs the loaders stored before the fallback are gone: none twice. The exact path implies no pairs.
     stored = "select count(*) from cdme_adjoint.mapped where run_id = %s"
-    assert db.execute(stored, (exact,)) == db.execute(stored, (run_id,))
+    implied = "select coalesce(sum(pairs), 0) from cdme_adjoint.morphisms where run_id = %s and keys_from is not null"
+    assert db.execute(implied, (exact,)) == [(0,)]
+    assert (
+        db.execute(stored, (exact,))[0][0]
+        == db.execute(stored, (run_id,))[0][0] + db.execute(implied, (run_id,))[0][0]
+    )
     return run_id
 
 
@@ -143,7 +148,9 @@ def _accounting(db: Db, run_id: str) -> dict[str, Any]:
         "select morphism_id, source_key, failure_type from cdme_adjoint.errored where run_id = %s", (run_id,)
     )
     return {
-        "morphisms": [{k: v for k, v in m.items() if k != "locations"} for m in answer["morphisms"]],
+        "morphisms": [
+            {k: v for k, v in m.items() if k not in ("locations", "keys_from")} for m in answer["morphisms"]
+        ],
         "sources": answer["sources"],
         "filtered": sorted(filtered),
         "errored": sorted(errored, key=repr),
@@ -151,12 +158,21 @@ def _accounting(db: Db, run_id: str) -> dict[str, Any]:
 
 
 def _pairs(db: Db, run_id: str, model: str) -> set[tuple[str, str]]:
+    """The pairs into `model` the run holds: stored, or implied (`keys_from`) as the input keys of its readers."""
     rows = db.execute(
         "select source_key, target_key from cdme_adjoint.mapped m join cdme_adjoint.morphisms o "
         "using (run_id, morphism_id) where run_id = %s and o.model = %s",
         (run_id, model),
     )
-    return {(r[0], r[1]) for r in rows}
+    implied = db.execute(
+        "select k, k from cdme_adjoint.morphisms o cross join unnest(o.keys_from) as v(id) cross join lateral ("
+        "select source_key from cdme_adjoint.mapped where run_id = o.run_id and morphism_id = v.id union "
+        "select source_key from cdme_adjoint.filtered where run_id = o.run_id and morphism_id = v.id union "
+        "select source_key from cdme_adjoint.errored where run_id = o.run_id and morphism_id = v.id) as i(k) "
+        "where o.run_id = %s and o.model = %s",
+        (run_id, model),
+    )
+    return {(r[0], r[1]) for r in [*rows, *implied]}
 
 
 def _filtered(db: Db, run_id: str, model: str) -> dict[str, int]:

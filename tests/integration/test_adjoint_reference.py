@@ -285,10 +285,7 @@ def test_capture_is_idempotent_and_reconciles(built: Built, caplog: pytest.LogCa
     assert logged["int_trades_active"] == ["REQ-FLT-01", "REQ-ACC-01"]
     again = capture_run(built, run_id)
     assert first.pairs == again.pairs > 0
-    assert (
-        built.rows("select count(*) from cdme_adjoint.mapped where run_id = %s", (run_id,))[0][0]
-        == first.pairs
-    )
+    assert _stored_pairs(built, run_id) == (first.pairs, first.pairs)
     partitions = built.rows(
         "select count(*) from pg_inherits where inhparent = 'cdme_adjoint.mapped'::regclass "
         "and inhrelid::regclass::text like %s",
@@ -325,6 +322,17 @@ def _stray_tables(built: Built, run_id: str) -> list[str]:
     ]
 
 
+def _stored_pairs(built: Built, run_id: str) -> tuple[int, int]:
+    """The run's pairs, counted as stored rows plus the implied identities' pairs; and as its morphisms count them."""
+    stored = built.rows("select count(*) from cdme_adjoint.mapped where run_id = %s", (run_id,))[0][0]
+    implied, counted = built.rows(
+        "select coalesce(sum(pairs) filter (where keys_from is not null), 0), sum(pairs) "
+        "from cdme_adjoint.morphisms where run_id = %s",
+        (run_id,),
+    )[0]
+    return int(stored + implied), int(counted)
+
+
 def test_a_failed_capture_keeps_the_previous_one_and_leaves_no_table_behind(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,7 +346,7 @@ def test_a_failed_capture_keeps_the_previous_one_and_leaves_no_table_behind(
 
     def failing(self: capture_module.Morphism, *, single_driver: bool) -> str:
         pairs = original(self, single_driver=single_driver)
-        if self.model.name == "stg_trades":
+        if self.model.name == "int_trade_risk_sensitivities":
             # A load still running when another fails: cancelled, not waited for.
             return f"select source_key, target_key from ({pairs}) p, pg_sleep(120)"
         if self.model.name == "fct_daily_positions":
@@ -353,10 +361,7 @@ def test_a_failed_capture_keeps_the_previous_one_and_leaves_no_table_behind(
     assert time.monotonic() - begun < 60
     assert _stray_tables(built, run_id) == [stray]
     assert built.rows("select pairs from cdme_adjoint.runs where run_id = %s", (run_id,)) == [(first.pairs,)]
-    assert (
-        built.rows("select count(*) from cdme_adjoint.mapped where run_id = %s", (run_id,))[0][0]
-        == first.pairs
-    )
+    assert _stored_pairs(built, run_id) == (first.pairs, first.pairs)
     assert queries.reconcile(built.engine, run_id)["status"] == "reconciled"
     monkeypatch.undo()
     # The next capture of the run sweeps what the crash left.
@@ -468,3 +473,75 @@ def test_unknown_runs_are_not_found(built: Built) -> None:
     assert (
         date.fromisoformat(queries.partitions(built.engine, built.capture().run_id)["epoch"]) == FIRST_EPOCH
     )
+
+
+def test_an_implied_identity_answers_as_its_stored_pairs_would(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    implied = capture_run(built, str(uuid.uuid4()))
+    keys_from = dict(
+        built.rows(
+            "select model, keys_from from cdme_adjoint.morphisms where run_id = %s and keys_from is not null",
+            (implied.run_id,),
+        )
+    )
+    # The staging-to-enriched chain reads its keys from the explode out of its end, which stores its pairs.
+    ids = dict(
+        built.rows(
+            "select model, morphism_id from cdme_adjoint.morphisms where run_id = %s", (implied.run_id,)
+        )
+    )
+    chain = [ids["int_trades_active"], ids["int_trades_enriched"], ids["int_trade_risk_sensitivities"]]
+    assert keys_from == {
+        "stg_trades": chain,
+        "int_trades_active": chain[1:],
+        "int_trades_enriched": chain[2:],
+    }
+    # The exact path stores every pair: the same questions, answered from stored pairs.
+    monkeypatch.setattr(capture_module._Capture, "accounted", lambda _self, _plan: False)
+    stored = capture_run(built, str(uuid.uuid4()))
+    monkeypatch.undo()
+    assert built.rows(
+        "select count(*) from cdme_adjoint.morphisms where run_id = %s and keys_from is not null",
+        (stored.run_id,),
+    ) == [(0,)]
+    # Trades filtered at the active model, errored at the enriched one, mapped all the way, and one never loaded.
+    filtered = built.rows(
+        "select source_key from cdme_adjoint.filtered where run_id = %s and morphism_id = %s order by 1 limit 3",
+        (implied.run_id, ids["int_trades_active"]),
+    )
+    errored = built.rows(
+        "select source_key from cdme_adjoint.errored where run_id = %s and morphism_id = %s order by 1 limit 3",
+        (implied.run_id, ids["int_trades_enriched"]),
+    )
+    mapped = built.rows(
+        "select source_key from cdme_adjoint.mapped where run_id = %s and morphism_id = %s order by 1 limit 3",
+        (implied.run_id, ids["int_trade_risk_sensitivities"]),
+    )
+    assert len(filtered) == len(errored) == len(mapped) == 3
+    trades = [r[0] for r in [*filtered, *errored, *mapped]] + ["no-such-trade"]
+    for entity in ("raw_trading.trades", "stg_trades", "int_trades_active"):
+        answers = [
+            queries.impact(built.engine, entity, trades, roles=None, run_id=run.run_id)
+            for run in (implied, stored)
+        ]
+        assert answers[0]["affected"] == answers[1]["affected"]
+        reached = {a["model"]: a for a in answers[0]["affected"] if len(a["path"]) == 2}
+        assert reached, entity
+    from_active = {a["model"]: set(a["keys"]) for a in answers[0]["affected"]}
+    assert from_active["int_trades_enriched"] == {r[0] for r in mapped}
+    for run in (implied, stored):
+        # A key is in the run at a model an implied identity produces exactly when it is one of the model's keys.
+        for model in ("stg_trades", "int_trades_active", "int_trades_enriched"):
+            with pytest.raises(NotFoundError):
+                queries.backward(built.engine, model, "no-such-trade", roles=None, run_id=run.run_id)
+        assert queries.backward(
+            built.engine, "int_trades_enriched", mapped[0][0], roles=None, run_id=run.run_id
+        )["contributions"]
+        with pytest.raises(NotFoundError):
+            queries.backward(
+                built.engine, "int_trades_enriched", filtered[0][0], roles=None, run_id=run.run_id
+            )
+        assert queries.backward(
+            built.engine, "int_trades_active", errored[0][0], roles=None, run_id=run.run_id
+        )["contributions"]

@@ -25,7 +25,9 @@ the input keys must equal those of the mapped, errored and filtered keys, which 
 key set. Only when a morphism does not balance that way is the run captured again with key sets, which name the unaccounted and overlapping keys; either way the accounting is the same (the property tests
 compare the two).
 
-Lineage modes: `full` stores every pair; `summary` stores the pairs of a deterministic hash sample of source
+Lineage modes: `full` stores every pair, but for identities whose model another captured morphism reads
+(`implied_identities`): their pairs are the model's keys, which are that reader's stored input keys, and the
+run records where to read them (`morphisms.keys_from`); `summary` stores the pairs of a deterministic hash sample of source
 keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts; `key_derivable` stores no
 pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an order-independent digest of
 each morphism's input and output keys) that queries check before evaluating the SQL.
@@ -448,6 +450,8 @@ class _Capture:
         # keeps its name (and this transaction's lock on it) until this one commits.
         self.staging = f"{partition_name('mapped', run_id)}_{uuid.uuid4().hex[:8]}"
         self.loader: _Loader | None = None
+        # The identities whose pairs this full capture implies instead of storing (`implied_identities`).
+        self.implied: dict[int, list[int]] = {}
 
     @property
     def run_lock(self) -> sql.Composed:
@@ -511,7 +515,11 @@ class _Capture:
         if self.mode == "key_derivable" or any(m.derivation.deduplicates for m in plan.morphisms):
             return
         self.loader = _Loader(engine, str(_scalar(self.cur, "select pg_export_snapshot()")), workers)
+        if self.mode == "full":
+            self.implied = implied_identities(plan)
         for m in plan.morphisms:
+            if m.morphism_id in self.implied:
+                continue
             self.loader.submit(self.load, m, m.accounted_pairs_sql(single_driver=plan.single_driver(m)))
 
     def load(self, loader: _Loader, m: Morphism, pairs: str) -> None:
@@ -829,6 +837,8 @@ class _Capture:
         if self.loader is not None:
             self.loader.close(cancel=True)
             self.loader = None
+        # The exact path stores every pair: a morphism that did not balance may have input keys in no partition.
+        self.implied = {}
         for table in ("filtered", "errored"):
             _execute(self.cur, sql.SQL("truncate {}").format(_part(table, self.run_id)))
         _execute(self.cur, sql.SQL("truncate {}").format(self.pairs_table))
@@ -995,6 +1005,45 @@ class Tally:
 
     def __sub__(self, other: Tally) -> Tally:
         return Tally(self.count - other.count, self.digest - other.digest)
+
+
+def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
+    """The identities whose pairs a full run need not store, each with the morphisms its keys are read from.
+
+    An identity M into a model X (a table or view with M its one driver) maps each key of X to itself, so its
+    pairs are X's keys. Those are the input keys of any captured morphism D reading X, and once D balances they
+    are its mapped source keys, filtered keys and errored keys, all stored. When D is implied too, its own mapped
+    keys are read on from where it says. M is then implied from `[D, *from(D)]`; a key is mapped by M when one of
+    those morphisms took it as input. A reader that stores its pairs is preferred, so a chain stops early.
+    """
+    identities = {
+        m.morphism_id: m
+        for m in plan.morphisms
+        if plan.single_driver(m)
+        and m.upstream.key is not None
+        and m.carried_key(single_driver=True) is not None
+        and m.derivation.is_identity(len(m.upstream.key.columns))
+    }
+    readers: dict[str, list[Morphism]] = {}
+    for m in plan.morphisms:
+        readers.setdefault(m.upstream.unique_id, []).append(m)
+    implied: dict[int, list[int]] = {}
+
+    def keys_from(m: Morphism) -> list[int] | None:
+        if m.morphism_id not in implied:
+            found = sorted(
+                readers.get(m.model.unique_id, []), key=lambda r: (r.morphism_id in identities, r.morphism_id)
+            )
+            if not found:
+                return None
+            reader = found[0]
+            rest = keys_from(reader) if reader.morphism_id in identities else []
+            implied[m.morphism_id] = [reader.morphism_id, *(rest or [])]
+        return implied[m.morphism_id]
+
+    for m in identities.values():
+        keys_from(m)
+    return implied
 
 
 def _derived_fates(plan: CapturePlan) -> list[dict[str, Any]] | None:
@@ -1233,9 +1282,12 @@ def capture(
                             "end-to-end fates need key sets in this graph; following the pairs",
                             extra={"run_id": run_id},
                         )
-                        if lineage_mode != "full":
+                        all_pairs = lineage_mode != "full" or bool(job.implied)
+                        if all_pairs:
                             job.gather_pairs(plan)
-                    sources = _fates(cur, run_id, plan.morphisms, epoch, all_pairs=lineage_mode != "full")
+                    else:
+                        all_pairs = lineage_mode != "full"
+                    sources = _fates(cur, run_id, plan.morphisms, epoch, all_pairs=all_pairs)
                 pairs = (
                     sum(int(m.stats["pairs"]) for m in plan.morphisms)
                     if lineage_mode == "full"
@@ -1243,7 +1295,17 @@ def capture(
                 )
                 seconds = time.perf_counter() - started
                 _store_run(
-                    cur, run_id, epoch, lineage_mode, plan, sources, int(pairs), seconds, project, sample_rate
+                    cur,
+                    run_id,
+                    epoch,
+                    lineage_mode,
+                    plan,
+                    sources,
+                    int(pairs),
+                    seconds,
+                    project,
+                    sample_rate,
+                    job.implied,
                 )
     except BaseException:
         if job is not None:
@@ -1273,6 +1335,7 @@ def _store_run(
     seconds: float,
     project: str | None,
     sample_rate: float,
+    implied: Mapping[int, list[int]],
 ) -> None:
     cur.execute(
         "insert into cdme_adjoint.runs (run_id, epoch, lineage_mode, key_encoding, project, seconds, pairs, "
@@ -1298,7 +1361,7 @@ def _store_run(
         s = m.stats
         cur.execute(
             "insert into cdme_adjoint.morphisms values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 run_id,
                 m.morphism_id,
@@ -1332,6 +1395,7 @@ def _store_run(
                 # With several driving upstreams (a union) an output key need not come from this one.
                 s["identity"] and plan.single_driver(m),
                 m.epoch_column,
+                implied.get(m.morphism_id),
             ),
         )
     for src in sources:

@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, event
 
 from services.adjoint.domain.capture import (
     CARRIED,
+    PARTITIONED,
     SAMPLES,
     SCHEMA,
     envelope_of,
@@ -67,6 +68,8 @@ class Edge:
     identity: bool
     # The column holding a source upstream's epoch (None for a model, or a run captured before it was recorded).
     upstream_epoch_column: str | None
+    # A full run's identity whose pairs are implied: the morphisms whose input keys are its model's keys.
+    keys_from: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
     cur.execute(
         "select morphism_id, model, unique_id, relation, upstream, upstream_unique_id, upstream_relation, kind, "
         "source_key_fields, target_key_fields, access, upstream_access, mapped_sql, input_sql, output_sql, "
-        "envelopes, identity, upstream_epoch_column from cdme_adjoint.morphisms where run_id = %s "
+        "envelopes, identity, upstream_epoch_column, keys_from from cdme_adjoint.morphisms where run_id = %s "
         "order by morphism_id",
         (run_id,),
     )
@@ -205,6 +208,7 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
                     "target_key_fields": tuple(r["target_key_fields"]),
                     "access": tuple(r["access"]),
                     "upstream_access": tuple(r["upstream_access"]),
+                    "keys_from": None if r["keys_from"] is None else tuple(r["keys_from"]),
                 }
             )
         )
@@ -281,7 +285,12 @@ def partitions(engine: Engine, run_id: str, roles: frozenset[str] | None = None)
     }
 
 
-def _location(table: str, run_id: str, morphism_id: int) -> str:
+def _location(table: str, run_id: str, morphism_id: int, keys_from: Sequence[int] | None = None) -> str:
+    if table == "mapped" and keys_from:
+        # An implied identity stores no pairs: its mapped keys are the input keys of the morphisms it names.
+        return (
+            f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}&keys_from={','.join(map(str, keys_from))}"
+        )
     return f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}"
 
 
@@ -305,7 +314,8 @@ def _morphism_view(run_id: str, m: dict[str, Any]) -> dict[str, Any]:
         "pairs": m["pairs"],
         "overlap": {"count": m["overlap_count"], "samples": m["overlap_samples"]},
         "unaccounted": {"count": m["unaccounted_count"], "samples": m["unaccounted_samples"]},
-        "locations": {t: _location(t, run_id, m["morphism_id"]) for t in ("mapped", "filtered", "errored")},
+        "locations": {t: _location(t, run_id, m["morphism_id"], m["keys_from"]) for t in PARTITIONED},
+        "keys_from": m["keys_from"],
         "filters": m["filters"],
         "req": m["req"],
     }
@@ -402,6 +412,26 @@ def _sources_of(
     )
 
 
+def _implied_has(ids: str, key: str, run: str, mapped: str = _RUN_MAPPED) -> str:
+    """Whether `key` is an input key of one of the morphisms `ids` (an `int[]`) of `run`, in any partition.
+
+    The pairs of an implied identity (`capture.implied_identities`) are its model's keys, which are the input keys
+    of the morphisms it names: their mapped source keys (the forward index), filtered keys and errored keys.
+    """
+    return (
+        f"exists (select 1 from unnest({ids}) as v(id) where exists (select 1 from {mapped} x "
+        f"where x.run_id = {run} and {_keyed('x.source_key', key, 'v.id')}) "
+        f"or exists (select 1 from {SCHEMA}.filtered f where f.run_id = {run} and f.morphism_id = v.id "
+        f"and f.source_key = {key}) "
+        f"or exists (select 1 from {SCHEMA}.errored r where r.run_id = {run} and r.morphism_id = v.id "
+        f"and r.source_key = {key}))"
+    )
+
+
+# The morphisms an implied identity `e.id` reads its keys from, out of `edge_params`.
+_IMPLIED_IDS = "array(select v.via from unnest(%(implied_of)s::int[], %(implied_via)s::int[]) as v(of, via) where v.of = {})"
+
+
 # Backward through an identity morphism (every pair is (k, k)) needs no lookup: each output row of a model has
 # its driving input row, so the key it reached is the key upstream. Besides the page (`stranded` false, in
 # order), the query returns the keys the walk reached at a model that no morphism of this run produced (an
@@ -465,7 +495,12 @@ with recursive walk(uid, k, path, depth) as (
     select e.model, m.target_key, w.path || e.model, w.depth + 1
     from walk w
     join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[]) as e(id, model, up) on e.up = w.uid
-    join {_RUN_MAPPED} m on m.run_id = %(run)s and {_keyed("m.source_key", "w.k", "e.id")}
+    cross join lateral (
+        select x.target_key from {_RUN_MAPPED} x where x.run_id = %(run)s and {_keyed("x.source_key", "w.k", "e.id")}
+      union all
+        select w.k where e.id = any(%(implied_of)s::int[])
+        and {_implied_has(_IMPLIED_IDS.format("e.id"), "w.k", "%(run)s")}
+    ) m
     where w.depth < %(depth)s
 )
 select uid, path, count(distinct k) as n, (array_agg(distinct k order by k))[1:%(sample)s] as keys
@@ -511,7 +546,14 @@ def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, 
         "models": [e.unique_id for e in edges],
         "ups": [e.upstream_unique_id for e in edges],
         "identity": [e.identity and identities for e in edges],
+        **_implied_params(edges),
     }
+
+
+def _implied_params(edges: Sequence[Edge]) -> dict[str, list[int]]:
+    """The implied identities among `edges` (`implied_of`), each once per morphism it reads keys from (`implied_via`)."""
+    pairs = [(e.morphism_id, via) for e in edges if e.keys_from for via in e.keys_from]
+    return {"implied_of": [of for of, _via in pairs], "implied_via": [via for _of, via in pairs]}
 
 
 def backward(
@@ -786,7 +828,8 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
         "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
         "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
         "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
-        f"and exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s', mapped=_ALL_MAPPED)} s) "
+        f"and (exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s', mapped=_ALL_MAPPED)} s) "
+        f"or {_implied_has('o.keys_from', '%(k)s', 'o.run_id', mapped=_ALL_MAPPED)}) "
         "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
     )
@@ -799,14 +842,21 @@ _CHECK_KEY = (
     "select exists (select 1 from unnest(%(ids)s::int[]) as i(id) "
     f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
     f"or exists (select 1 from unnest(%(ups)s::int[]) as u(id) join {_RUN_MAPPED} x on x.run_id = %(run)s "
-    f"and {_keyed('x.source_key', '%(k)s', 'u.id')}) as exists"
+    f"and {_keyed('x.source_key', '%(k)s', 'u.id')}) "
+    # An implied identity into the model or out of it maps exactly the model's keys.
+    "or exists (select 1 from unnest(%(implied_of)s::int[]) as i(id) "
+    f"where i.id = any(%(ids)s::int[] || %(ups)s::int[]) and {_implied_has(_IMPLIED_IDS.format('i.id'), '%(k)s', '%(run)s')}) "
+    "as exists"
 )
 
 
 def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge], uid: str, key: str) -> None:
     ids = [e.morphism_id for e in edges if e.unique_id == uid]
     ups = [e.morphism_id for e in edges if e.upstream_unique_id == uid]
-    cur.execute(for_run(_CHECK_KEY, graph.run_id), {"run": graph.run_id, "ids": ids, "ups": ups, "k": key})
+    cur.execute(
+        for_run(_CHECK_KEY, graph.run_id),
+        {**_implied_params(edges), "run": graph.run_id, "ids": ids, "ups": ups, "k": key},
+    )
     row = cur.fetchone()
     if not row or not row["exists"]:
         msg = f"key {key!r} of {graph.names[uid]} is not in the adjoint metadata of run {graph.run_id}"
