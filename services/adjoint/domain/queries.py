@@ -362,8 +362,10 @@ _ALL_MAPPED = f"{SCHEMA}.mapped"
 
 
 def for_run(query: str, run_id: str) -> str:
-    """`query` reading `run_id`'s partition of `mapped` where it says `{mapped}`."""
-    return query.replace(_RUN_MAPPED, f'{SCHEMA}."{partition_name("mapped", run_id)}"')
+    """`query` reading `run_id`'s partition of each table where it says `{mapped}`, `{filtered}` or `{errored}`."""
+    for table in PARTITIONED:
+        query = query.replace(f"{{{table}}}", f'{SCHEMA}."{partition_name(table, run_id)}"')
+    return query
 
 
 def _keyed(column: str, value: str, morphism: str) -> str:
@@ -412,18 +414,20 @@ def _sources_of(
     )
 
 
-def _implied_has(ids: str, key: str, run: str, mapped: str = _RUN_MAPPED) -> str:
+def _implied_has(ids: str, key: str, run: str, *, across_runs: bool = False) -> str:
     """Whether `key` is an input key of one of the morphisms `ids` (an `int[]`) of `run`, in any partition.
 
     The pairs of an implied identity (`capture.implied_identities`) are its model's keys, which are the input keys
-    of the morphisms it names: their mapped source keys (the forward index), filtered keys and errored keys.
+    of the morphisms it names: their mapped source keys (the forward index), filtered keys and errored keys. The
+    run's own partitions (`for_run`), or with `across_runs` the parent tables, where `run` is a column.
     """
+    mapped, filtered, errored = ((f"{SCHEMA}.{t}" if across_runs else f"{{{t}}}") for t in PARTITIONED)
     return (
         f"exists (select 1 from unnest({ids}) as v(id) where exists (select 1 from {mapped} x "
         f"where x.run_id = {run} and {_keyed('x.source_key', key, 'v.id')}) "
-        f"or exists (select 1 from {SCHEMA}.filtered f where f.run_id = {run} and f.morphism_id = v.id "
+        f"or exists (select 1 from {filtered} f where f.run_id = {run} and f.morphism_id = v.id "
         f"and f.source_key = {key}) "
-        f"or exists (select 1 from {SCHEMA}.errored r where r.run_id = {run} and r.morphism_id = v.id "
+        f"or exists (select 1 from {errored} r where r.run_id = {run} and r.morphism_id = v.id "
         f"and r.source_key = {key}))"
     )
 
@@ -829,7 +833,7 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
         "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
         "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
         f"and (exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s', mapped=_ALL_MAPPED)} s) "
-        f"or {_implied_has('o.keys_from', '%(k)s', 'o.run_id', mapped=_ALL_MAPPED)}) "
+        f"or {_implied_has('o.keys_from', '%(k)s', 'o.run_id', across_runs=True)}) "
         "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
     )
