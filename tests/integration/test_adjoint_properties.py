@@ -657,10 +657,16 @@ def test_backward_and_impact_compose_along_a_chain(db: Db, rows: list[tuple[int,
         expected = {("flt", k) for k in members} | {("src", k) for k in members}
         assert _backward(db, run_id, "agg", _k(g)) == expected
         assert _backward(db, run_id, "agg", _k(g), to="src") == {("src", k) for k in members}
-    keys = [_k(i) for i, _, _ in data]
+    # A key src never had reaches nothing, though the filter's pairs are implied from agg's input keys.
+    ids = {m["model"]: m for m in queries.partitions(db.engine, run_id)["morphisms"]}
+    assert ids["flt"]["keys_from"] == [ids["agg"]["morphism_id"]]
+    keys = [_k(i) for i, _, _ in data] + [_k(10_000)]
     affected = {
         a["model"]: a for a in queries.impact(db.engine, "src", keys, roles=None, run_id=run_id)["affected"]
     }
+    for i in [*[i for i, _, v in data if v <= 3][:2], 10_000]:
+        with pytest.raises(NotFoundError):
+            _backward(db, run_id, "flt", _k(i))
     if kept:
         assert affected["flt"]["count"] == len(kept)
         assert set(affected["agg"]["keys"]) == {_k(g) for _, g in kept}
