@@ -24,7 +24,7 @@ from services.adjoint.domain import capture as capture_module
 from services.adjoint.domain import queries
 from services.adjoint.domain.capture import CapturePlan, Morphism, capture, relation_of
 from services.adjoint.domain.derive import Derivation, derive
-from services.adjoint.domain.errors import DerivationError
+from services.adjoint.domain.errors import DerivationError, NotReconstructableError
 from services.adjoint.domain.keys import encode_key
 from services.core.errors import NotFoundError
 from services.core.ldm import Entity, RecordKey
@@ -96,25 +96,7 @@ def _load(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]]) -> None:
 
 def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: Sequence[Model]) -> str:
     """Create `tables` (DDL, rows) and build `models` in order in schema p; capture them as one run."""
-    db.execute("drop schema if exists p cascade; create schema p")
-    _load(db, tables)
-    morphisms: list[Morphism] = []
-    for model in models:
-        db.execute(f"create table p.{model.name} as {model.sql}")
-        entity = _entity(model.name, model.key)
-        for upstream in model.upstreams:
-            assert upstream.key is not None
-            derivation = derive(
-                model.sql,
-                model.name,
-                relation_of(upstream),
-                upstream.key.columns,
-                model.key,
-                relation_of(entity),
-            )
-            morphisms.append(
-                Morphism(len(morphisms) + 1, entity, upstream, model.kind, derivation, model.sink)
-            )
+    morphisms = _build(db, tables, models)
     run_id = str(uuid.uuid4())
     capture(db.engine, run_id, date(2026, 11, 20), "full", CapturePlan(morphisms, []))
     # Key-derivable capture accounts by digests where they balance and by key sets where they do not: either
@@ -138,6 +120,32 @@ def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: S
     return run_id
 
 
+def _build(
+    db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: Sequence[Model]
+) -> list[Morphism]:
+    """Create `tables` (DDL, rows) and build `models` in order in schema p; their morphisms."""
+    db.execute("drop schema if exists p cascade; create schema p")
+    _load(db, tables)
+    morphisms: list[Morphism] = []
+    for model in models:
+        db.execute(f"create table p.{model.name} as {model.sql}")
+        entity = _entity(model.name, model.key)
+        for upstream in model.upstreams:
+            assert upstream.key is not None
+            derivation = derive(
+                model.sql,
+                model.name,
+                relation_of(upstream),
+                upstream.key.columns,
+                model.key,
+                relation_of(entity),
+            )
+            morphisms.append(
+                Morphism(len(morphisms) + 1, entity, upstream, model.kind, derivation, model.sink)
+            )
+    return morphisms
+
+
 def _accounting(db: Db, run_id: str) -> dict[str, Any]:
     answer = queries.partitions(db.engine, run_id)
     filtered = db.execute(
@@ -149,7 +157,8 @@ def _accounting(db: Db, run_id: str) -> dict[str, Any]:
     )
     return {
         "morphisms": [
-            {k: v for k, v in m.items() if k not in ("locations", "keys_from")} for m in answer["morphisms"]
+            {k: v for k, v in m.items() if k not in ("locations", "keys_from", "lineage_mode")}
+            for m in answer["morphisms"]
         ],
         "sources": answer["sources"],
         "filtered": sorted(filtered),
@@ -745,3 +754,38 @@ def test_distinct_and_limit_losses_stay_unaccounted(db: Db, rows: dict[int, str]
     assert _pairs(db, run_id, "lim") == {(_k(i), _k(i)) for i in kept}
     m = _morphism(db, run_id, "lim")
     assert (m["filtered"], m["unaccounted"]["count"]) == (0, len(rows) - len(kept))
+
+
+def test_a_key_derivable_run_stores_the_pairs_of_sql_that_need_not_give_them_again(db: Db) -> None:
+    src = _entity("src", ["id"], source=True)
+    seen = _entity("seen", ["id"])
+    # The clock makes the SQL non-deterministic: evaluated again later, it need not keep the rows it kept.
+    models = [
+        Model(
+            "seen",
+            "select id, v from p.src where v > 0 and clock_timestamp() < timestamp '2100-01-01'",
+            ["id"],
+            "filter",
+            [src],
+        ),
+        Model("big", "select id, v from p.seen where v > 4", ["id"], "filter", [seen]),
+    ]
+    morphisms = _build(db, {"src": ("id int, v int", [(1, 5), (2, -1), (3, 7), (4, 2)])}, models)
+    run_id = str(uuid.uuid4())
+    capture(db.engine, run_id, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
+    report = queries.partitions(db.engine, run_id)
+    assert {m["model"]: m["lineage_mode"] for m in report["morphisms"]} == {
+        "seen": "full",
+        "big": "key_derivable",
+    }
+    assert sorted(
+        db.execute("select source_key, target_key from cdme_adjoint.mapped where run_id = %s", (run_id,))
+    ) == [(_k(i), _k(i)) for i in (1, 3, 4)]
+    assert _backward(db, run_id, "big", _k(3)) == {("seen", _k(3)), ("src", _k(3))}
+    # The model's rows change after the run: the derived SQL reading them cannot answer, the stored pairs still do.
+    db.execute("delete from p.seen where id = 1")
+    with pytest.raises(NotReconstructableError):
+        _backward(db, run_id, "big", _k(3))
+    assert _backward(db, run_id, "seen", _k(3)) == {("src", _k(3))}
+    with pytest.raises(NotFoundError):
+        _backward(db, run_id, "seen", _k(2))

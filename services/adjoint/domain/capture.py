@@ -580,7 +580,7 @@ class _Capture:
             m.mapped_sql if carried is None else f"select distinct * from ({m.built_pairs_sql(carried)}) b"
         )
         _execute(cur, f"create temp table _cdme_mapped on commit drop as {pairs}")
-        if self.mode != "key_derivable":
+        if self.mode != "key_derivable" or downgraded(self.mode, m):
             _execute(
                 cur,
                 sql.SQL("insert into {} {}").format(
@@ -712,6 +712,15 @@ class _Capture:
                     extra={"run_id": self.run_id, "model": m.model.name, "upstream": m.upstream.name},
                 )
                 return False
+            if downgraded(self.mode, m):
+                _execute(
+                    self.cur,
+                    sql.SQL("insert into {} select {}, source_key, target_key from ({}) p").format(
+                        self.pairs_table,
+                        sql.Literal(m.morphism_id),
+                        sql.SQL(m.accounted_pairs_sql(single_driver=plan.single_driver(m))),
+                    ),
+                )
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
             if self.loader is not None:
                 self.loader.check()
@@ -1005,6 +1014,15 @@ class Tally:
 
     def __sub__(self, other: Tally) -> Tally:
         return Tally(self.count - other.count, self.digest - other.digest)
+
+
+def downgraded(mode: LineageMode, m: Morphism) -> bool:
+    """Whether a run of `mode` stores `m`'s pairs as a full run would, although its mode stores none.
+
+    A key_derivable run answers by evaluating the derived SQL again, which must then give the run's pairs: not so
+    for SQL that calls `now()`, `random()` or the like. That morphism's segment is captured in full instead.
+    """
+    return mode == "key_derivable" and bool(m.derivation.nondeterministic)
 
 
 def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
@@ -1361,7 +1379,7 @@ def _store_run(
         s = m.stats
         cur.execute(
             "insert into cdme_adjoint.morphisms values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 run_id,
                 m.morphism_id,
@@ -1396,6 +1414,7 @@ def _store_run(
                 s["identity"] and plan.single_driver(m),
                 m.epoch_column,
                 implied.get(m.morphism_id),
+                "full" if downgraded(mode, m) else None,
             ),
         )
     for src in sources:

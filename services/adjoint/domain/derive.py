@@ -45,6 +45,7 @@ from sqlglot.errors import SqlglotError
 
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import key_sql
+from services.validation.domain.analysis import nondeterministic_calls
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
@@ -106,6 +107,8 @@ class Derivation:
             capture's digest check sums, so a source key that reaches the output twice shows up as a mismatch.
         passthrough: Per output key column, the index of the upstream key column it carries unchanged through
             every query of the row path (a bare column reference at each level), or None.
+        nondeterministic: The calls in the model's SQL whose result differs between two runs on the same data
+            (`now()`, `random()`, ...): evaluating the SQL again later need not give the run's pairs.
     """
 
     mapped_sql: str
@@ -116,6 +119,7 @@ class Derivation:
     deduplicates: bool = False
     mapped_rows_sql: str = ""
     passthrough: tuple[int | None, ...] = ()
+    nondeterministic: tuple[str, ...] = ()
 
     def is_identity(self, source_columns: int) -> bool:
         """Whether every output key is, column for column, the key of the upstream row it came from."""
@@ -810,4 +814,5 @@ def derive(
         deduplicates=mapped.deduplicates,
         mapped_rows_sql=rows.sql(dialect=DIALECT),
         passthrough=mapped.passthrough,
+        nondeterministic=tuple(dict.fromkeys(nondeterministic_calls(_parse(compiled_sql)))),
     )

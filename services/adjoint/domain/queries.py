@@ -70,6 +70,8 @@ class Edge:
     upstream_epoch_column: str | None
     # A full run's identity whose pairs are implied: the morphisms whose input keys are its model's keys.
     keys_from: tuple[int, ...] | None
+    # `full` where a key_derivable run stored the morphism's pairs (`capture.downgraded`); None: the run's mode.
+    lineage_mode: str | None
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ def load_graph(cur: psycopg.Cursor[Any], run_id: str, roles: frozenset[str] | No
     cur.execute(
         "select morphism_id, model, unique_id, relation, upstream, upstream_unique_id, upstream_relation, kind, "
         "source_key_fields, target_key_fields, access, upstream_access, mapped_sql, input_sql, output_sql, "
-        "envelopes, identity, upstream_epoch_column, keys_from from cdme_adjoint.morphisms where run_id = %s "
+        "envelopes, identity, upstream_epoch_column, keys_from, lineage_mode from cdme_adjoint.morphisms "
+        "where run_id = %s "
         "order by morphism_id",
         (run_id,),
     )
@@ -250,7 +253,7 @@ def partitions(engine: Engine, run_id: str, roles: frozenset[str] | None = None)
         cur.execute("select * from cdme_adjoint.morphisms where run_id = %s order by morphism_id", (run_id,))
         rows = cur.fetchall()
         morphisms = [
-            _morphism_view(run_id, m)
+            _morphism_view(run_id, m, run["lineage_mode"])
             for m in rows
             if _visible(m["access"], roles) and _visible(m["upstream_access"], roles)
         ]
@@ -294,7 +297,7 @@ def _location(table: str, run_id: str, morphism_id: int, keys_from: Sequence[int
     return f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}"
 
 
-def _morphism_view(run_id: str, m: dict[str, Any]) -> dict[str, Any]:
+def _morphism_view(run_id: str, m: dict[str, Any], run_mode: str) -> dict[str, Any]:
     return {
         "morphism_id": m["morphism_id"],
         "model": m["model"],
@@ -316,6 +319,8 @@ def _morphism_view(run_id: str, m: dict[str, Any]) -> dict[str, Any]:
         "unaccounted": {"count": m["unaccounted_count"], "samples": m["unaccounted_samples"]},
         "locations": {t: _location(t, run_id, m["morphism_id"], m["keys_from"]) for t in PARTITIONED},
         "keys_from": m["keys_from"],
+        # A key_derivable run stores a non-deterministic morphism's pairs in full (`capture.downgraded`).
+        "lineage_mode": m["lineage_mode"] or run_mode,
         "filters": m["filters"],
         "req": m["req"],
     }
@@ -943,6 +948,14 @@ def _verify_envelopes(cur: psycopg.Cursor[Any], edge: Edge) -> None:
             raise NotReconstructableError(msg)
 
 
+# The stored upstream keys of each target key through one morphism.
+_STORED_SOURCES = f"""
+select s.source_key, t.k as target_key
+from unnest(%(keys)s::text[]) as t(k)
+cross join lateral {_sources_of("%(run)s", "%(id)s", "t.k")} s
+"""
+
+
 def _backward_derived(
     cur: psycopg.Cursor[Any],
     graph: RunGraph,
@@ -966,15 +979,22 @@ def _backward_derived(
             keys = [k for (u, k) in frontier if u == e.unique_id]
             if not keys:
                 continue
-            if e.morphism_id not in verified:
-                _verify_envelopes(cur, e)
-                verified.add(e.morphism_id)
-            cur.execute(
-                sql.SQL(
-                    "select distinct source_key, target_key from ({}) d where target_key = any(%(keys)s)"
-                ).format(_raw(e.mapped_sql)),
-                {"keys": keys},
-            )
+            if e.lineage_mode == "full":
+                # Stored by the run, as its SQL need not give them again (`capture.downgraded`).
+                cur.execute(
+                    for_run(_STORED_SOURCES, graph.run_id),
+                    {"keys": keys, "run": graph.run_id, "id": e.morphism_id},
+                )
+            else:
+                if e.morphism_id not in verified:
+                    _verify_envelopes(cur, e)
+                    verified.add(e.morphism_id)
+                cur.execute(
+                    sql.SQL(
+                        "select distinct source_key, target_key from ({}) d where target_key = any(%(keys)s)"
+                    ).format(_raw(e.mapped_sql)),
+                    {"keys": keys},
+                )
             for r in cur.fetchall():
                 path = [*frontier[(e.unique_id, r["target_key"])], e.upstream_unique_id]
                 step.setdefault((e.upstream_unique_id, r["source_key"]), path)

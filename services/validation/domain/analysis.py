@@ -207,6 +207,16 @@ def _postgres_name(func: exp.Func) -> str:
     return name
 
 
+def nondeterministic_calls(tree: exp.Expr) -> list[str]:
+    """The PostgreSQL names of the calls in `tree` whose result differs between two runs on the same data."""
+    volatile = nondeterministic_functions()
+    names = (
+        func.name.lower() if isinstance(func, exp.Anonymous) else _postgres_name(func)
+        for func in tree.find_all(exp.Func)
+    )
+    return [name for name in names if name in volatile]
+
+
 _DROPPING_CLAUSES = (
     ("where", "a WHERE filter"),
     ("group", "GROUP BY"),
@@ -762,11 +772,7 @@ class _ModelAnalysis:
         governed, _, external = self._declared()
         if external:
             return
-        volatile = nondeterministic_functions()
-        for func in tree.find_all(exp.Func):
-            fname = func.name.lower() if isinstance(func, exp.Anonymous) else _postgres_name(func)
-            if fname not in volatile:
-                continue
+        for fname in nondeterministic_calls(tree):
             message = (
                 f"`{fname}` is non-deterministic: two runs on the same data differ; pass the value in "
                 "(e.g. the epoch var) or declare the model an external morphism (meta.cdme.external: true)"
