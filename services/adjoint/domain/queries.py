@@ -886,7 +886,9 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
     """Each contribution's row as it is now in the warehouse; a source's, of its run's epoch only.
 
     A source that holds several epochs can hold a key in each: the run read the one of its epoch. A contribution
-    found in an earlier run (`_walk_across_runs`) is of that run's epoch.
+    found in an earlier run (`_walk_across_runs`) is of that run's epoch. A model's row is the last build's: where
+    a run captured after the contribution's built the model again, `record_rebuilt_by` names the latest such run
+    (the row may differ from the one the contribution's run built, or be gone).
     """
     where: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
     for e in graph.edges:
@@ -894,13 +896,24 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
         where.setdefault(
             e.upstream_unique_id, (e.upstream_relation, e.source_key_fields, e.upstream_epoch_column)
         )
-    epochs = {graph.run_id: graph.epoch}
-    earlier = sorted({c["run_id"] for c in contributions} - epochs.keys())
-    if earlier:
-        cur.execute(
-            "select run_id, epoch::text as epoch from cdme_adjoint.runs where run_id = any(%s)", (earlier,)
-        )
-        epochs.update((r["run_id"], r["epoch"]) for r in cur.fetchall())
+    cur.execute(
+        "select run_id, epoch::text as epoch from cdme_adjoint.runs where run_id = any(%s)",
+        (sorted({graph.run_id, *(c["run_id"] for c in contributions)}),),
+    )
+    epochs = {r["run_id"]: r["epoch"] for r in cur.fetchall()}
+    # For each contribution's run and model, the captured runs after it that built the model, latest first.
+    cur.execute(
+        "select o.unique_id, c.run_id as of_run, r.run_id from cdme_adjoint.morphisms o "
+        "join cdme_adjoint.runs r on r.run_id = o.run_id join cdme_adjoint.runs c on c.run_id = any(%(runs)s) "
+        "and (r.epoch, r.captured_at) > (c.epoch, c.captured_at) where o.unique_id = any(%(models)s) "
+        "order by r.epoch desc, r.captured_at desc",
+        {"runs": sorted(epochs), "models": sorted({c["unique_id"] for c in contributions})},
+    )
+    rebuilt: dict[tuple[str, str], str] = {}
+    for r in cur.fetchall():
+        rebuilt.setdefault((r["unique_id"], r["of_run"]), r["run_id"])
+    for c in contributions:
+        c["record_rebuilt_by"] = rebuilt.get((c["unique_id"], c["run_id"]))
     groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for c in contributions:
         epoch = epochs[c["run_id"]] if where[c["unique_id"]][2] is not None else None
