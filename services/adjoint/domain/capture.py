@@ -27,10 +27,11 @@ compare the two).
 
 Lineage modes: `full` stores every pair, but for identities whose model another captured morphism reads
 (`implied_identities`): their pairs are the model's keys, which are that reader's stored input keys, and the
-run records where to read them (`morphisms.keys_from`); `summary` stores the pairs of a deterministic hash sample of source
-keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts; `key_derivable` stores no
-pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an order-independent digest of
-each morphism's input and output keys) that queries check before evaluating the SQL.
+run records where to read them (`morphisms.keys_from`); `summary` stores the pairs of a deterministic hash
+sample of source keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts;
+`key_derivable` stores no pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an
+order-independent digest of each morphism's input and output keys) that queries check before evaluating the SQL,
+but for a morphism whose SQL is non-deterministic (`downgraded`), whose pairs it stores as `full` does.
 """
 
 from __future__ import annotations

@@ -438,7 +438,10 @@ def _implied_has(ids: str, key: str, run: str, *, across_runs: bool = False) -> 
 
 
 # The morphisms an implied identity `e.id` reads its keys from, out of `edge_params`.
-_IMPLIED_IDS = "array(select v.via from unnest(%(implied_of)s::int[], %(implied_via)s::int[]) as v(of, via) where v.of = {})"
+_IMPLIED_IDS = (
+    "array(select v.via from unnest(%(implied_of)s::int[], %(implied_via)s::int[]) as v(of, via) "
+    "where v.of = {})"
+)
 
 
 # Backward through an identity morphism (every pair is (k, k)) needs no lookup: each output row of a model has
@@ -560,7 +563,7 @@ def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, 
 
 
 def _implied_params(edges: Sequence[Edge]) -> dict[str, list[int]]:
-    """The implied identities among `edges` (`implied_of`), each once per morphism it reads keys from (`implied_via`)."""
+    """The implied identities among `edges` (`implied_of`), once per morphism each reads keys from (`implied_via`)."""
     pairs = [(e.morphism_id, via) for e in edges if e.keys_from for via in e.keys_from]
     return {"implied_of": [of for of, _via in pairs], "implied_via": [via for _of, via in pairs]}
 
@@ -852,9 +855,10 @@ _CHECK_KEY = (
     f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s')} s) "
     f"or exists (select 1 from unnest(%(ups)s::int[]) as u(id) join {_RUN_MAPPED} x on x.run_id = %(run)s "
     f"and {_keyed('x.source_key', '%(k)s', 'u.id')}) "
-    # An implied identity into the model or out of it maps exactly the model's keys.
+    # An implied identity (into the model or out of it) maps its own model's keys, read where it says.
     "or exists (select 1 from unnest(%(implied_of)s::int[]) as i(id) "
-    f"where i.id = any(%(ids)s::int[] || %(ups)s::int[]) and {_implied_has(_IMPLIED_IDS.format('i.id'), '%(k)s', '%(run)s')}) "
+    "where i.id = any(%(ids)s::int[] || %(ups)s::int[]) "
+    f"and {_implied_has(_IMPLIED_IDS.format('i.id'), '%(k)s', '%(run)s')}) "
     "as exists"
 )
 
@@ -905,9 +909,9 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
     cur.execute(
         "select o.unique_id, c.run_id as of_run, r.run_id from cdme_adjoint.morphisms o "
         "join cdme_adjoint.runs r on r.run_id = o.run_id join cdme_adjoint.runs c on c.run_id = any(%(runs)s) "
-        "and (r.epoch, r.captured_at) > (c.epoch, c.captured_at) where o.unique_id = any(%(models)s) "
+        "and (r.epoch, r.captured_at) > (c.epoch, c.captured_at) where o.unique_id = any(%(entities)s) "
         "order by r.epoch desc, r.captured_at desc",
-        {"runs": sorted(epochs), "models": sorted({c["unique_id"] for c in contributions})},
+        {"runs": sorted(epochs), "entities": sorted({c["unique_id"] for c in contributions})},
     )
     rebuilt: dict[tuple[str, str], str] = {}
     for r in cur.fetchall():
