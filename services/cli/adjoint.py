@@ -73,8 +73,6 @@ def backward_command(
             line += f"  (run {c['run_id']})"
         if records and c.get("record") is not None:
             line += f"  {json.dumps(c['record'])}"
-        if records and c.get("record_rebuilt_by"):
-            line += f"  (row of the later build of run {c['record_rebuilt_by']})"
         typer.echo(line)
     for u in body.get("unresolved") or []:
         typer.echo(f"  unresolved: {u['entity']} {u['key']} via {' <- '.join(u['path'])}: {u['reason']}")

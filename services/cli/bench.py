@@ -133,9 +133,9 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
             f"{sum(done):.1f} s in all, the longest {max(done, default=0):.1f} s"
         )
     lines.append(
-        f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair (indexes included; "
-        f"{result.get('stored_pairs', result['capture']['full']['pairs']):,} of "
-        f"{result['capture']['full']['pairs']:,} pairs stored, the rest implied by identities)"
+        f"storage: {result['bytes_per_mapped_pair']} bytes per mapped pair, indexes included "
+        f"({result['bytes_per_stored_pair']} per stored pair: {result['stored_pairs']:,} of "
+        f"{result['capture']['full']['pairs']:,} stored, the rest implied by identities)"
     )
     for where, label in (("in_database", "in the database"), ("over_http", "over HTTP")):
         for query, figures in result[where].items():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlglot
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlglot import exp
 
+from services.adjoint.domain.capture import volatile_views
 from services.adjoint.domain.derive import Relation, derive
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import decode_key, encode_key, key_sql_text
+from services.core.artifacts import parse_manifest
 
 SRC = Relation("db", "s", "src")
 OUT = Relation("db", "m", "out")
@@ -190,3 +194,49 @@ def test_what_the_rewrite_cannot_follow_is_an_error_naming_the_model(
 def test_a_star_projection_takes_the_key_by_name() -> None:
     d = derive("select * from s.src where ok", "m", SRC, ["id"], ["id"])
     assert '"id" AS __cdme_t0' in d.mapped_sql
+
+
+def test_only_a_non_deterministic_call_on_the_row_path_makes_the_derivation_so() -> None:
+    # A load timestamp on a non-key column leaves the pairs reproducible; a clock in the filter does not.
+    stamped = derive('select id, now() as loaded_at from "db"."s"."src"', "m", SRC, ["id"], ["id"])
+    assert stamped.nondeterministic == ()
+    recent = derive(
+        'select id from "db"."s"."src" where ts > now() - interval \'1 day\' and random() < 2',
+        "m",
+        SRC,
+        ["id"],
+        ["id"],
+    )
+    # sqlglot reads `now()` as CURRENT_TIMESTAMP, the PostgreSQL name the volatility list also holds.
+    assert set(recent.nondeterministic) == {"current_timestamp", "random"}
+
+
+def test_a_model_reading_a_non_deterministic_view_through_other_views_is_flagged() -> None:
+    def node(name: str, materialized: str, sql: str, *depends: str) -> dict[str, Any]:
+        return {
+            "unique_id": f"model.p.{name}",
+            "resource_type": "model",
+            "name": name,
+            "package_name": "p",
+            "schema": "s",
+            "config": {"materialized": materialized},
+            "compiled_code": sql,
+            "depends_on": {"nodes": [f"model.p.{d}" for d in depends], "macros": []},
+        }
+
+    manifest = parse_manifest(
+        {
+            "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json"},
+            "nodes": {
+                n["unique_id"]: n
+                for n in (
+                    node("aged", "view", "select id, now() - ts as age from s.src"),
+                    node("recent", "view", "select id from s.aged where age < interval '1 day'", "aged"),
+                    node("kept", "table", "select id from s.recent", "recent"),
+                    node("copied", "table", "select id from s.kept", "kept"),
+                )
+            },
+        }
+    )
+    # A table's rows were fixed by its build: reading it is reproducible, whatever built it.
+    assert volatile_views(manifest) == {"model.p.recent": ("aged",), "model.p.kept": ("aged",)}

@@ -356,6 +356,7 @@ def run_adjoint_benchmark(
         "bytes_per_mapped_pair": round(mapped_bytes / max(1, pairs["full"]), 1),
         "mapped_bytes": mapped_bytes,
         "stored_pairs": stored_pairs,
+        "bytes_per_stored_pair": round(mapped_bytes / max(1, stored_pairs), 1),
         "mart_to_raw_rows_per_key_mean": round(statistics.mean(rows_mart), 1),
         "impact_1000_source_keys_seconds": round(impact_all, 4),
         "in_database": in_db,

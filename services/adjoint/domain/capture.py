@@ -54,7 +54,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine
 
-from services.adjoint.domain.derive import Derivation, Relation, derive
+from services.adjoint.domain.derive import Derivation, Relation, derive, nondeterministic_sql
 from services.adjoint.domain.errors import CaptureInputError, DerivationError
 from services.adjoint.domain.keys import ENCODING_SESSION, KEY_ENCODING, key_sql_text
 from services.core.artifacts import Manifest, RunResults
@@ -117,6 +117,13 @@ class Morphism:
     # Whether a uniqueness test on the upstream's (the model's) record key passed in this run.
     upstream_unique: bool = False
     model_unique: bool = False
+    # The views the model reads (directly or through other views) whose SQL is non-deterministic.
+    volatile_views: tuple[str, ...] = ()
+
+    @property
+    def nondeterministic(self) -> bool:
+        """Whether evaluating the derived SQL again later need not give the run's pairs (see `downgraded`)."""
+        return bool(self.derivation.nondeterministic or self.volatile_views)
 
     @property
     def mapped_sql(self) -> str:
@@ -238,6 +245,7 @@ def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> Captu
     """
     statuses = {r.unique_id: r.status for r in run_results.results}
     unique = _proven_unique(ldm, manifest, statuses)
+    volatile = volatile_views(manifest)
     morphisms: list[Morphism] = []
     not_captured: list[NotCaptured] = []
     models = [e for e in ldm if e.resource_type == "model" and not e.is_error_sink]
@@ -292,6 +300,7 @@ def plan_capture(ldm: Ldm, manifest: Manifest, run_results: RunResults) -> Captu
             morphism = Morphism(len(morphisms) + 1, entity, upstream, kind, derivation, sink)
             morphism.upstream_unique = upstream.unique_id in unique
             morphism.model_unique = entity.unique_id in unique
+            morphism.volatile_views = volatile.get(entity.unique_id, ())
             morphisms.append(morphism)
     return CapturePlan(morphisms, not_captured)
 
@@ -319,6 +328,40 @@ def _proven_unique(ldm: Ldm, manifest: Manifest, statuses: Mapping[str, str]) ->
         if tested and tested <= set(entity.key.columns):
             proven.add(entity.unique_id)
     return proven
+
+
+def volatile_views(manifest: Manifest) -> dict[str, tuple[str, ...]]:
+    """Per node, the views it reads, directly or through other views, whose SQL calls a non-deterministic function.
+
+    A view is evaluated anew on each read: a model reading one through its derived SQL reads different rows later.
+    A table's rows were fixed by its build, and the envelopes tell when they change.
+    """
+
+    def is_view(uid: str) -> bool:
+        node = manifest.nodes.get(uid)
+        return node is not None and node.config.materialized == "view"
+
+    def calls(uid: str) -> bool:
+        code = manifest.nodes[uid].compiled_code
+        try:
+            return bool(code and nondeterministic_sql(code))
+        except DerivationError:
+            # SQL the parser cannot read cannot be shown deterministic.
+            return True
+
+    found: dict[str, tuple[str, ...]] = {}
+    for uid in _model_order(manifest):
+        node = manifest.nodes.get(uid)
+        if node is None:
+            continue
+        views: list[str] = []
+        for upstream in node.depends_on.nodes:
+            if is_view(upstream):
+                if calls(upstream):
+                    views.append(manifest.nodes[upstream].name)
+                views += found.get(upstream, ())
+        found[uid] = tuple(dict.fromkeys(views))
+    return {uid: views for uid, views in found.items() if views}
 
 
 def _model_order(manifest: Manifest) -> list[str]:
@@ -707,29 +750,37 @@ class _Capture:
         """
         for m in plan.morphisms:
             begun = time.perf_counter()
-            if not self.account(m, single_driver=plan.single_driver(m)):
+            rows: str | None = None
+            if downgraded(self.mode, m):
+                # Stored first, then accounted from what was stored: the SQL evaluated twice may differ.
+                mid = sql.Literal(m.morphism_id)
+                _execute(
+                    self.cur,
+                    sql.SQL("insert into {} select {}, source_key, target_key from ({}) p").format(
+                        self.pairs_table,
+                        mid,
+                        sql.SQL(m.accounted_pairs_sql(single_driver=plan.single_driver(m))),
+                    ),
+                )
+                rows = (
+                    sql.SQL("select source_key, target_key from {} where morphism_id = {}")
+                    .format(self.pairs_table, mid)
+                    .as_string(self.cur)
+                )
+            if not self.account(m, single_driver=plan.single_driver(m), rows=rows):
                 logger.info(
                     "digest accounting does not balance; capturing key sets",
                     extra={"run_id": self.run_id, "model": m.model.name, "upstream": m.upstream.name},
                 )
                 return False
-            if downgraded(self.mode, m):
-                _execute(
-                    self.cur,
-                    sql.SQL("insert into {} select {}, source_key, target_key from ({}) p").format(
-                        self.pairs_table,
-                        sql.Literal(m.morphism_id),
-                        sql.SQL(m.accounted_pairs_sql(single_driver=plan.single_driver(m))),
-                    ),
-                )
             _log_morphism(self.run_id, m, time.perf_counter() - begun)
             if self.loader is not None:
                 self.loader.check()
         return True
 
-    def gather_pairs(self, plan: CapturePlan) -> None:
-        """Every balanced morphism's pairs in `_cdme_all_pairs`, for fates of a run that stores a sample or none."""
-        for m in plan.morphisms:
+    def gather_pairs(self, plan: CapturePlan, morphisms: Iterable[Morphism]) -> None:
+        """The pairs of balanced `morphisms` in `_cdme_all_pairs`, for fates the run's stored pairs do not give."""
+        for m in morphisms:
             _execute(
                 self.cur,
                 sql.SQL("insert into _cdme_all_pairs select {}, source_key, target_key from ({}) p").format(
@@ -738,7 +789,8 @@ class _Capture:
                 ),
             )
 
-    def account(self, m: Morphism, *, single_driver: bool) -> bool:
+    def account(self, m: Morphism, *, single_driver: bool, rows: str | None = None) -> bool:
+        """Account `m` by digests (see `accounted`); `rows` replaces its derived rows where they were stored."""
         assert m.upstream.key is not None and m.model.key is not None
         d = m.derivation
         if d.deduplicates:
@@ -766,7 +818,7 @@ class _Capture:
             row = self.row(
                 "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*), count(*) filter (where not "
                 f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)) from (select target_key, "
-                f"count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({d.mapped_rows_sql}) r "
+                f"count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({rows or d.mapped_rows_sql}) r "
                 "group by target_key) g"
             )
             if row[3]:
@@ -1023,7 +1075,7 @@ def downgraded(mode: LineageMode, m: Morphism) -> bool:
     A key_derivable run answers by evaluating the derived SQL again, which must then give the run's pairs: not so
     for SQL that calls `now()`, `random()` or the like. That morphism's segment is captured in full instead.
     """
-    return mode == "key_derivable" and bool(m.derivation.nondeterministic)
+    return mode == "key_derivable" and m.nondeterministic
 
 
 def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
@@ -1033,7 +1085,8 @@ def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
     pairs are X's keys. Those are the input keys of any captured morphism D reading X, and once D balances they
     are its mapped source keys, filtered keys and errored keys, all stored. When D is implied too, its own mapped
     keys are read on from where it says. M is then implied from `[D, *from(D)]`; a key is mapped by M when one of
-    those morphisms took it as input. A reader that stores its pairs is preferred, so a chain stops early.
+    those morphisms took it as input (for an implied one, its filtered or errored keys: the rest are read on). A
+    reader that is not an identity is preferred, as it stores its pairs and the chain stops there.
     """
     identities = {
         m.morphism_id: m
@@ -1158,17 +1211,31 @@ def _log_morphism(run_id: str, m: Morphism, seconds: float) -> None:
 
 
 def _fates(
-    cur: psycopg.Cursor[Any], run_id: str, morphisms: list[Morphism], epoch: date, all_pairs: bool
+    cur: psycopg.Cursor[Any],
+    run_id: str,
+    morphisms: list[Morphism],
+    epoch: date,
+    *,
+    stored: bool,
+    gathered: bool,
 ) -> list[dict[str, Any]]:
     """End-to-end fate of every input key of each graph source, computed backward from the graph's outputs.
 
     A key's fate at an entity is the best its rows reach downstream: an output (0), filtered (1), errored (2);
-    keys with none of these are unaccounted. Leaves (models no captured morphism reads) are outputs.
+    keys with none of these are unaccounted. Leaves (models no captured morphism reads) are outputs. The pairs
+    are the run's partition of `mapped` (`stored`), those `gather_pairs` gathered, or both.
     """
     mapped, filtered, errored = (_part(t, run_id) for t in PARTITIONED)
-    if all_pairs:
+    if gathered:
         _execute(cur, "analyze _cdme_all_pairs")
-        mapped = sql.Composed([sql.Identifier("_cdme_all_pairs")])
+        mapped = (
+            sql.SQL(
+                "(select morphism_id, source_key, target_key from {} "
+                "union all select morphism_id, source_key, target_key from _cdme_all_pairs)"
+            ).format(mapped)
+            if stored
+            else sql.Composed([sql.Identifier("_cdme_all_pairs")])
+        )
     _execute(cur, "drop table if exists _cdme_fate")
     _execute(cur, "create temp table _cdme_fate (uid text, k text, fate smallint) on commit drop")
     by_upstream: dict[str, list[Morphism]] = {}
@@ -1296,17 +1363,28 @@ def capture(
                 sources = _derived_fates(plan) if balanced else None
                 if sources is None:
                     if balanced:
-                        # The counts stand; only the fates need the pairs, which a full run has just stored.
+                        # The counts stand; only the fates need the pairs: those the run did not store (all but
+                        # a full run's, which lack the identities it implies) are gathered.
                         logger.info(
                             "end-to-end fates need key sets in this graph; following the pairs",
                             extra={"run_id": run_id},
                         )
-                        all_pairs = lineage_mode != "full" or bool(job.implied)
-                        if all_pairs:
-                            job.gather_pairs(plan)
-                    else:
-                        all_pairs = lineage_mode != "full"
-                    sources = _fates(cur, run_id, plan.morphisms, epoch, all_pairs=all_pairs)
+                        job.gather_pairs(
+                            plan,
+                            [
+                                m
+                                for m in plan.morphisms
+                                if lineage_mode != "full" or m.morphism_id in job.implied
+                            ],
+                        )
+                    sources = _fates(
+                        cur,
+                        run_id,
+                        plan.morphisms,
+                        epoch,
+                        stored=lineage_mode == "full",
+                        gathered=lineage_mode != "full" or bool(job.implied),
+                    )
                 pairs = (
                     sum(int(m.stats["pairs"]) for m in plan.morphisms)
                     if lineage_mode == "full"

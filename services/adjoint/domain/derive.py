@@ -107,8 +107,9 @@ class Derivation:
             capture's digest check sums, so a source key that reaches the output twice shows up as a mismatch.
         passthrough: Per output key column, the index of the upstream key column it carries unchanged through
             every query of the row path (a bare column reference at each level), or None.
-        nondeterministic: The calls in the model's SQL whose result differs between two runs on the same data
-            (`now()`, `random()`, ...): evaluating the SQL again later need not give the run's pairs.
+        nondeterministic: The calls in the derived SQL (the row path and its predicates, not the other columns)
+            whose result differs between two runs on the same data (`now()`, `random()`, ...): evaluating it
+            again later need not give the run's pairs.
     """
 
     mapped_sql: str
@@ -707,6 +708,15 @@ def _rewrite(
     )
 
 
+def nondeterministic_sql(sql: str) -> tuple[str, ...]:
+    """The calls in `sql` whose result differs between two runs on the same data (`now()`, `random()`, ...).
+
+    Raises:
+        DerivationError: The SQL cannot be parsed.
+    """
+    return tuple(dict.fromkeys(nondeterministic_calls(_parse(sql))))
+
+
 def derive(
     compiled_sql: str,
     model: str,
@@ -814,5 +824,7 @@ def derive(
         deduplicates=mapped.deduplicates,
         mapped_rows_sql=rows.sql(dialect=DIALECT),
         passthrough=mapped.passthrough,
-        nondeterministic=tuple(dict.fromkeys(nondeterministic_calls(_parse(compiled_sql)))),
+        nondeterministic=tuple(
+            dict.fromkeys([*nondeterministic_calls(select), *nondeterministic_calls(pre_select)])
+        ),
     )

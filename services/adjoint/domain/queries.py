@@ -252,11 +252,9 @@ def partitions(engine: Engine, run_id: str, roles: frozenset[str] | None = None)
             raise NotFoundError(msg)
         cur.execute("select * from cdme_adjoint.morphisms where run_id = %s order by morphism_id", (run_id,))
         rows = cur.fetchall()
-        morphisms = [
-            _morphism_view(run_id, m, run["lineage_mode"])
-            for m in rows
-            if _visible(m["access"], roles) and _visible(m["upstream_access"], roles)
-        ]
+        shown = [m for m in rows if _visible(m["access"], roles) and _visible(m["upstream_access"], roles)]
+        visible = {m["morphism_id"] for m in shown}
+        morphisms = [_morphism_view(run_id, m, run["lineage_mode"], visible) for m in shown]
         access = {m["upstream_unique_id"]: m["upstream_access"] for m in rows}
         cur.execute("select * from cdme_adjoint.sources where run_id = %s order by unique_id", (run_id,))
         sources = [
@@ -289,7 +287,7 @@ def partitions(engine: Engine, run_id: str, roles: frozenset[str] | None = None)
 
 
 def _location(table: str, run_id: str, morphism_id: int, keys_from: Sequence[int] | None = None) -> str:
-    if table == "mapped" and keys_from:
+    if table == "mapped" and keys_from is not None:
         # An implied identity stores no pairs: its mapped keys are the input keys of the morphisms it names.
         return (
             f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}&keys_from={','.join(map(str, keys_from))}"
@@ -297,7 +295,9 @@ def _location(table: str, run_id: str, morphism_id: int, keys_from: Sequence[int
     return f"{SCHEMA}.{table}#run={run_id}&morphism={morphism_id}"
 
 
-def _morphism_view(run_id: str, m: dict[str, Any], run_mode: str) -> dict[str, Any]:
+def _morphism_view(run_id: str, m: dict[str, Any], run_mode: str, visible: set[int]) -> dict[str, Any]:
+    # Morphisms the principal may not see are not named, here either.
+    keys_from = None if m["keys_from"] is None else [i for i in m["keys_from"] if i in visible]
     return {
         "morphism_id": m["morphism_id"],
         "model": m["model"],
@@ -317,8 +317,8 @@ def _morphism_view(run_id: str, m: dict[str, Any], run_mode: str) -> dict[str, A
         "pairs": m["pairs"],
         "overlap": {"count": m["overlap_count"], "samples": m["overlap_samples"]},
         "unaccounted": {"count": m["unaccounted_count"], "samples": m["unaccounted_samples"]},
-        "locations": {t: _location(t, run_id, m["morphism_id"], m["keys_from"]) for t in PARTITIONED},
-        "keys_from": m["keys_from"],
+        "locations": {t: _location(t, run_id, m["morphism_id"], keys_from) for t in PARTITIONED},
+        "keys_from": keys_from,
         # A key_derivable run stores a non-deterministic morphism's pairs in full (`capture.downgraded`).
         "lineage_mode": m["lineage_mode"] or run_mode,
         "filters": m["filters"],
@@ -420,11 +420,13 @@ def _sources_of(
 
 
 def _implied_has(ids: str, key: str, run: str, *, across_runs: bool = False) -> str:
-    """Whether `key` is an input key of one of the morphisms `ids` (an `int[]`) of `run`, in any partition.
+    """Whether `key` is in a partition of one of the morphisms `ids` (an `int[]`) of `run`: mapped, filtered, errored.
 
-    The pairs of an implied identity (`capture.implied_identities`) are its model's keys, which are the input keys
-    of the morphisms it names: their mapped source keys (the forward index), filtered keys and errored keys. The
-    run's own partitions (`for_run`), or with `across_runs` the parent tables, where `run` is a column.
+    The pairs of an implied identity (`capture.implied_identities`) are its model's keys. Over the whole list it
+    names (`keys_from`), those are the stored input keys: the mapped source keys (the forward index), filtered
+    keys and errored keys of the reader that stores its pairs, and the filtered and errored keys of the implied
+    identities between. The run's own partitions (`for_run`), or with `across_runs` the parent tables, where `run`
+    is a column.
     """
     mapped, filtered, errored = ((f"{SCHEMA}.{t}" if across_runs else f"{{{t}}}") for t in PARTITIONED)
     return (
@@ -890,9 +892,7 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
     """Each contribution's row as it is now in the warehouse; a source's, of its run's epoch only.
 
     A source that holds several epochs can hold a key in each: the run read the one of its epoch. A contribution
-    found in an earlier run (`_walk_across_runs`) is of that run's epoch. A model's row is the last build's: where
-    a run captured after the contribution's built the model again, `record_rebuilt_by` names the latest such run
-    (the row may differ from the one the contribution's run built, or be gone).
+    found in an earlier run (`_walk_across_runs`) is of that run's epoch.
     """
     where: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
     for e in graph.edges:
@@ -900,24 +900,13 @@ def _attach_records(cur: psycopg.Cursor[Any], graph: RunGraph, contributions: li
         where.setdefault(
             e.upstream_unique_id, (e.upstream_relation, e.source_key_fields, e.upstream_epoch_column)
         )
-    cur.execute(
-        "select run_id, epoch::text as epoch from cdme_adjoint.runs where run_id = any(%s)",
-        (sorted({graph.run_id, *(c["run_id"] for c in contributions)}),),
-    )
-    epochs = {r["run_id"]: r["epoch"] for r in cur.fetchall()}
-    # For each contribution's run and model, the captured runs after it that built the model, latest first.
-    cur.execute(
-        "select o.unique_id, c.run_id as of_run, r.run_id from cdme_adjoint.morphisms o "
-        "join cdme_adjoint.runs r on r.run_id = o.run_id join cdme_adjoint.runs c on c.run_id = any(%(runs)s) "
-        "and (r.epoch, r.captured_at) > (c.epoch, c.captured_at) where o.unique_id = any(%(entities)s) "
-        "order by r.epoch desc, r.captured_at desc",
-        {"runs": sorted(epochs), "entities": sorted({c["unique_id"] for c in contributions})},
-    )
-    rebuilt: dict[tuple[str, str], str] = {}
-    for r in cur.fetchall():
-        rebuilt.setdefault((r["unique_id"], r["of_run"]), r["run_id"])
-    for c in contributions:
-        c["record_rebuilt_by"] = rebuilt.get((c["unique_id"], c["run_id"]))
+    epochs = {graph.run_id: graph.epoch}
+    earlier = sorted({c["run_id"] for c in contributions} - epochs.keys())
+    if earlier:
+        cur.execute(
+            "select run_id, epoch::text as epoch from cdme_adjoint.runs where run_id = any(%s)", (earlier,)
+        )
+        epochs.update((r["run_id"], r["epoch"]) for r in cur.fetchall())
     groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for c in contributions:
         epoch = epochs[c["run_id"]] if where[c["unique_id"]][2] is not None else None

@@ -29,5 +29,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop `morphisms.keys_from`."""
+    """Drop `morphisms.keys_from`, unless a run depends on it (its answers would change without it)."""
+    used = (
+        op.get_bind()
+        .exec_driver_sql(f"select count(distinct run_id) from {SCHEMA}.morphisms where keys_from is not null")
+        .scalar()
+    )
+    if used:
+        msg = (
+            f"cannot downgrade: {used} full runs captured since imply identities' pairs, which they do not "
+            "store: drop those runs first"
+        )
+        raise RuntimeError(msg)
     op.execute(f"alter table {SCHEMA}.morphisms drop column keys_from")

@@ -28,5 +28,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop `morphisms.lineage_mode`."""
+    """Drop `morphisms.lineage_mode`, unless a run depends on it (its answers would change without it)."""
+    used = (
+        op.get_bind()
+        .exec_driver_sql(
+            f"select count(distinct run_id) from {SCHEMA}.morphisms where lineage_mode is not null"
+        )
+        .scalar()
+    )
+    if used:
+        msg = (
+            f"cannot downgrade: {used} key_derivable runs captured since store pairs their SQL need not give "
+            "again: drop those runs first"
+        )
+        raise RuntimeError(msg)
     op.execute(f"alter table {SCHEMA}.morphisms drop column lineage_mode")
