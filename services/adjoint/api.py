@@ -241,6 +241,7 @@ async def impact(body: ImpactRequest, principal: PrincipalDep, context: ContextD
             roles=principal.roles,
             run_id=body.run_id,
             depth=body.depth,
+            sample=body.keys_per_path,
         )
     )
 

@@ -202,6 +202,19 @@ def test_impact_and_reconcile(
         a["model"] for a in body["affected"]
     }
     _problem(api.post("/impact", json={"entity": "raw_trading.trades", "keys": []}), 422)
+    # keys_per_path lists fewer keys, never fewer records: the counts stay exact.
+    with psycopg.connect(built[0]) as conn:
+        several = conn.execute(
+            "select trade_id from intermediate.int_trade_risk_sensitivities group by 1 having count(*) > 2 limit 1"
+        ).fetchone()
+    assert several is not None
+    request = {"entity": "raw_trading.trades", "keys": [several[0]], "run_id": run_id}
+    every = api.post("/impact", json=request).json()["affected"]
+    two = api.post("/impact", json={**request, "keys_per_path": 2}).json()["affected"]
+    assert [(a["path"], a["count"], a["keys"][:2]) for a in every] == [
+        (a["path"], a["count"], a["keys"]) for a in two
+    ]
+    assert max(a["count"] for a in two) > 2
     result = api.post(f"/runs/{run_id}/reconcile").json()
     assert result["status"] == "reconciled"
     assert {m["model"]: m["status"] for m in result["morphisms"]}["stg_trades"] == "exact"
