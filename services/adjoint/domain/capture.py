@@ -182,6 +182,16 @@ class Morphism:
             return None
         return key_sql_text([self.model.key.columns[d.passthrough.index(i)] for i in range(columns)])
 
+    def is_identity(self, *, single_driver: bool) -> bool:
+        """Whether the SQL guarantees each output key is its upstream key, read from the built relation.
+
+        Only an identity the SQL guarantees: data that happens to map keys to themselves may not next run.
+        """
+        assert self.upstream.key is not None
+        return self.carried_key(single_driver=single_driver) is not None and self.derivation.is_identity(
+            len(self.upstream.key.columns)
+        )
+
     def accounted_pairs_sql(self, *, single_driver: bool) -> str:
         """The pairs digest accounting proves, which a full run stores (and discards if they do not balance).
 
@@ -189,11 +199,10 @@ class Morphism:
         the derivation's rows, which are distinct pairs once the digests balance (each source key reaches the
         output once).
         """
-        assert self.upstream.key is not None
         carried = self.carried_key(single_driver=single_driver)
         if carried is None:
             return self.derivation.mapped_rows_sql
-        if self.derivation.is_identity(len(self.upstream.key.columns)):
+        if self.is_identity(single_driver=single_driver):
             return f"select k as source_key, k as target_key from ({self.output_sql()}) o"
         # Rows of the built relation may repeat a pair unless a test proved the model's key unique.
         pairs = self.built_pairs_sql(carried)
@@ -337,30 +346,26 @@ def volatile_views(manifest: Manifest) -> dict[str, tuple[str, ...]]:
     A table's rows were fixed by its build, and the envelopes tell when they change.
     """
 
-    def is_view(uid: str) -> bool:
-        node = manifest.nodes.get(uid)
-        return node is not None and node.config.materialized == "view"
-
-    def calls(uid: str) -> bool:
-        code = manifest.nodes[uid].compiled_code
+    def calls(code: str | None) -> bool:
         try:
             return bool(code and nondeterministic_sql(code))
         except DerivationError:
             # SQL the parser cannot read cannot be shown deterministic.
             return True
 
+    views = {uid for uid, node in manifest.nodes.items() if node.config.materialized == "view"}
+    volatile = {uid for uid in views if calls(manifest.nodes[uid].compiled_code)}
     found: dict[str, tuple[str, ...]] = {}
     for uid in _model_order(manifest):
         node = manifest.nodes.get(uid)
-        if node is None:
+        if node is None or node.resource_type != "model":
             continue
-        views: list[str] = []
+        read: list[str] = []
         for upstream in node.depends_on.nodes:
-            if is_view(upstream):
-                if calls(upstream):
-                    views.append(manifest.nodes[upstream].name)
-                views += found.get(upstream, ())
-        found[uid] = tuple(dict.fromkeys(views))
+            if upstream in views:
+                read += [manifest.nodes[upstream].name] if upstream in volatile else []
+                read += found.get(upstream, ())
+        found[uid] = tuple(dict.fromkeys(read))
     return {uid: views for uid, views in found.items() if views}
 
 
@@ -686,9 +691,7 @@ class _Capture:
         stats["output"] = _scalar(
             cur, "select count(*) from (select target_key from _cdme_mapped group by 1) k"
         )
-        # Only an identity the SQL guarantees: data that happens to map keys to themselves may not next run.
-        assert m.upstream.key is not None
-        stats["identity"] = carried is not None and m.derivation.is_identity(len(m.upstream.key.columns))
+        stats["identity"] = m.is_identity(single_driver=single_driver)
         stats["errored"] = _scalar(
             cur, sql.SQL("select count(distinct source_key) from ({}) e").format(errored_keys)
         )
@@ -795,7 +798,6 @@ class _Capture:
         d = m.derivation
         if d.deduplicates:
             return False
-        source_columns = len(m.upstream.key.columns)
         inputs = self.envelope(m.input_sql(self.epoch))
         # Digests sum over rows: a key on two input rows could be mapped by one and errored by the other and
         # still balance. Without a passing uniqueness test on the upstream's key, count its distinct keys.
@@ -805,7 +807,7 @@ class _Capture:
             return False
         output = self.envelope(m.output_sql())
         carried = m.carried_key(single_driver=single_driver)
-        identity = carried is not None and d.is_identity(source_columns)
+        identity = m.is_identity(single_driver=single_driver)
         if identity:
             mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
@@ -1088,14 +1090,7 @@ def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
     those morphisms took it as input (for an implied one, its filtered or errored keys: the rest are read on). A
     reader that is not an identity is preferred, as it stores its pairs and the chain stops there.
     """
-    identities = {
-        m.morphism_id: m
-        for m in plan.morphisms
-        if plan.single_driver(m)
-        and m.upstream.key is not None
-        and m.carried_key(single_driver=True) is not None
-        and m.derivation.is_identity(len(m.upstream.key.columns))
-    }
+    identities = {m.morphism_id for m in plan.morphisms if m.is_identity(single_driver=plan.single_driver(m))}
     readers: dict[str, list[Morphism]] = {}
     for m in plan.morphisms:
         readers.setdefault(m.upstream.unique_id, []).append(m)
@@ -1113,8 +1108,9 @@ def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
             implied[m.morphism_id] = [reader.morphism_id, *(rest or [])]
         return implied[m.morphism_id]
 
-    for m in identities.values():
-        keys_from(m)
+    for m in plan.morphisms:
+        if m.morphism_id in identities:
+            keys_from(m)
     return implied
 
 

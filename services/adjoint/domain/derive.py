@@ -714,7 +714,11 @@ def nondeterministic_sql(sql: str) -> tuple[str, ...]:
     Raises:
         DerivationError: The SQL cannot be parsed.
     """
-    return tuple(dict.fromkeys(nondeterministic_calls(_parse(sql))))
+    return _distinct_calls(_parse(sql))
+
+
+def _distinct_calls(*trees: exp.Expr) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for tree in trees for name in nondeterministic_calls(tree)))
 
 
 def derive(
@@ -824,7 +828,5 @@ def derive(
         deduplicates=mapped.deduplicates,
         mapped_rows_sql=rows.sql(dialect=DIALECT),
         passthrough=mapped.passthrough,
-        nondeterministic=tuple(
-            dict.fromkeys([*nondeterministic_calls(select), *nondeterministic_calls(pre_select)])
-        ),
+        nondeterministic=_distinct_calls(select, pre_select),
     )

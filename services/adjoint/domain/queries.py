@@ -739,14 +739,19 @@ def _identity_tail(graph: RunGraph, edges: Sequence[Edge], target: str) -> list[
 
 
 # The first `n` upstream keys of each target key through one morphism, in key order (the backward index's).
-_FIRST_SOURCES = f"""
+def _sources_per_target(first: str | None = None) -> str:
+    """The upstream keys of each target key (`keys`) through one morphism (`id`); with `first`, that many of each."""
+    page = "" if first is None else f" order by u.source_key limit {first}"
+    return f"""
 select t.k as target_key, s.source_key
 from unnest(%(keys)s::text[]) as t(k)
 cross join lateral (
-    select u.source_key from {_sources_of("%(run)s", "%(id)s", "t.k", first="%(n)s")} u
-    order by u.source_key limit %(n)s
+    select u.source_key from {_sources_of("%(run)s", "%(id)s", "t.k", first=first)} u{page}
 ) s
 """
+
+
+_FIRST_SOURCES = _sources_per_target(first="%(n)s")
 
 
 def _walk_into_tail(
@@ -954,14 +959,6 @@ def _verify_envelopes(cur: psycopg.Cursor[Any], edge: Edge) -> None:
             raise NotReconstructableError(msg)
 
 
-# The stored upstream keys of each target key through one morphism.
-_STORED_SOURCES = f"""
-select s.source_key, t.k as target_key
-from unnest(%(keys)s::text[]) as t(k)
-cross join lateral {_sources_of("%(run)s", "%(id)s", "t.k")} s
-"""
-
-
 def _backward_derived(
     cur: psycopg.Cursor[Any],
     graph: RunGraph,
@@ -988,7 +985,7 @@ def _backward_derived(
             if e.lineage_mode == "full":
                 # Stored by the run, as its SQL need not give them again (`capture.downgraded`).
                 cur.execute(
-                    for_run(_STORED_SOURCES, graph.run_id),
+                    for_run(_sources_per_target(), graph.run_id),
                     {"keys": keys, "run": graph.run_id, "id": e.morphism_id},
                 )
             else:
