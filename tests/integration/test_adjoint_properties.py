@@ -27,7 +27,7 @@ from services.adjoint.domain.derive import Derivation, derive
 from services.adjoint.domain.errors import DerivationError, NotReconstructableError
 from services.adjoint.domain.keys import encode_key
 from services.core.errors import NotFoundError
-from services.core.ldm import Entity, RecordKey
+from services.core.ldm import Entity, Lookup, RecordKey
 from services.core.ldm.config import LineageMode
 from services.core.migrations import migrate
 from services.core.warehouse import create_warehouse_engine
@@ -61,7 +61,14 @@ def db(new_database: Callable[[], str]) -> Iterator[Db]:
     engine.dispose()
 
 
-def _entity(name: str, key: Sequence[str], *, source: bool = False, access: Sequence[str] = ()) -> Entity:
+def _entity(
+    name: str,
+    key: Sequence[str],
+    *,
+    source: bool = False,
+    access: Sequence[str] = (),
+    lookups: Sequence[Lookup] = (),
+) -> Entity:
     return Entity(
         unique_id=f"{'source' if source else 'model'}.props.{name}",
         name=name,
@@ -72,6 +79,7 @@ def _entity(name: str, key: Sequence[str], *, source: bool = False, access: Sequ
         key=RecordKey(columns=tuple(key), source="declared", verified=True),
         lineage_mode="full",
         access=tuple(access),
+        lookups=tuple(lookups),
     )
 
 
@@ -83,6 +91,7 @@ class Model:
     kind: str
     upstreams: Sequence[Entity]
     sink: Entity | None = None
+    lookups: Sequence[Lookup] = ()
 
 
 def _load(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]]) -> None:
@@ -104,6 +113,11 @@ def _run(db: Db, tables: dict[str, tuple[str, list[tuple[Any, ...]]]], models: S
     derived = str(uuid.uuid4())
     capture(db.engine, derived, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
     assert _accounting(db, derived) == _accounting(db, run_id)
+    # Its checkpoints too: the digests' per-target tallies of rows are those of the key sets' distinct pairs.
+    checked = str(uuid.uuid4())
+    with patch.object(capture_module._Capture, "accounted", return_value=False):
+        capture(db.engine, checked, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
+    assert _checkpoints(db, checked) == _checkpoints(db, derived)
     # And digests (tried first in every mode) must never say what the key sets would not.
     exact = str(uuid.uuid4())
     with patch.object(capture_module._Capture, "accounted", return_value=False):
@@ -129,7 +143,7 @@ def _build(
     morphisms: list[Morphism] = []
     for model in models:
         db.execute(f"create table p.{model.name} as {model.sql}")
-        entity = _entity(model.name, model.key)
+        entity = _entity(model.name, model.key, lookups=model.lookups)
         for upstream in model.upstreams:
             assert upstream.key is not None
             derivation = derive(
@@ -191,6 +205,14 @@ def _filtered(db: Db, run_id: str, model: str) -> dict[str, int]:
         (run_id, model),
     )
     return {r[0]: r[1] for r in rows}
+
+
+def _checkpoints(db: Db, run_id: str) -> dict[tuple[str, str], Any]:
+    """The checkpoints a key_derivable run recorded, per morphism (model and upstream)."""
+    rows = db.execute(
+        "select model, upstream, envelopes from cdme_adjoint.morphisms where run_id = %s", (run_id,)
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
 
 
 def _morphism(db: Db, run_id: str, model: str) -> dict[str, Any]:
@@ -754,6 +776,85 @@ def test_distinct_and_limit_losses_stay_unaccounted(db: Db, rows: dict[int, str]
     assert _pairs(db, run_id, "lim") == {(_k(i), _k(i)) for i in kept}
     m = _morphism(db, run_id, "lim")
     assert (m["filtered"], m["unaccounted"]["count"]) == (0, len(rows) - len(kept))
+
+
+def test_a_key_derivable_run_answers_with_its_pairs_or_not_at_all_when_what_they_read_changes(db: Db) -> None:
+    src = _entity("src", ["id"], source=True)
+    tiers, factors, grades = (_entity(n, ["code"], source=True) for n in ("tiers", "factors", "grades"))
+    exact = [Lookup(entity=tiers.unique_id, version="exact")]
+    models = [
+        # Pairs derived by the SQL from a column that is not the upstream's key...
+        Model("by_book", "select book, sum(v) as v from p.src group by book", ["book"], "aggregate", [src]),
+        # ... and from a lookup's.
+        Model(
+            "by_tier",
+            "select t.tier, count(*) as n from p.src s join p.tiers t on t.code = s.code group by t.tier",
+            ["tier"],
+            "aggregate",
+            [src],
+            lookups=exact,
+        ),
+        # An explode through a lookup whose output key carries the trade's: its pairs are the built relation's.
+        Model(
+            "legs",
+            "select s.id, f.leg from p.src s join p.factors f on f.ccy = s.ccy",
+            ["id", "leg"],
+            "explode",
+            [src],
+            lookups=[Lookup(entity=factors.unique_id, version="exact")],
+        ),
+        # A lookup replaced in place keeps none of the run's rows: the pairs are stored.
+        Model(
+            "by_grade",
+            "select g.grade, count(*) as n from p.src s join p.grades g on g.code = s.code group by g.grade",
+            ["grade"],
+            "aggregate",
+            [src],
+            lookups=[Lookup(entity=grades.unique_id, version="latest")],
+        ),
+    ]
+    morphisms = _build(
+        db,
+        {
+            "src": (
+                "id int, book text, code text, ccy text, v int",
+                [
+                    (1, "A", "x", "USD", 5),
+                    (2, "A", "y", "USD", 3),
+                    (3, "B", "x", "EUR", 1),
+                    (4, "B", "y", "EUR", 2),
+                ],
+            ),
+            "tiers": ("code text, tier text", [("x", "T1"), ("y", "T2")]),
+            "factors": ("ccy text, leg text", [("USD", "L1"), ("USD", "L2"), ("EUR", "L1")]),
+            "grades": ("code text, grade text", [("x", "G1"), ("y", "G2")]),
+        },
+        models,
+    )
+    run_id = str(uuid.uuid4())
+    capture(db.engine, run_id, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
+    report = queries.partitions(db.engine, run_id)
+    assert {m["model"]: m["lineage_mode"] for m in report["morphisms"]} == {
+        "by_book": "key_derivable",
+        "by_tier": "key_derivable",
+        "legs": "key_derivable",
+        "by_grade": "full",
+    }
+    assert _backward(db, run_id, "by_book", "A") == {("src", _k(1)), ("src", _k(2))}
+    # A trade moves to another book: every key the envelopes cover is unchanged, the pairs are not.
+    db.execute("update p.src set book = 'B' where id = 1")
+    with pytest.raises(NotReconstructableError, match="by_book"):
+        _backward(db, run_id, "by_book", "A")
+    # The other aggregate does not read the book: its pairs, and its answer, stand.
+    assert _backward(db, run_id, "by_tier", "T1") == {("src", _k(1)), ("src", _k(3))}
+    db.execute("update p.tiers set tier = 'T2' where code = 'x'")
+    with pytest.raises(NotReconstructableError, match="by_tier"):
+        _backward(db, run_id, "by_tier", "T1")
+    # The explode's lookup loses a factor after the build: its built relation still holds the leg.
+    db.execute("delete from p.factors where leg = 'L2'")
+    assert _backward(db, run_id, "legs", _k(1, "L2")) == {("src", _k(1))}
+    db.execute("update p.grades set grade = 'G2' where code = 'x'")
+    assert _backward(db, run_id, "by_grade", "G1") == {("src", _k(1)), ("src", _k(3))}
 
 
 def test_a_key_derivable_run_stores_the_pairs_of_sql_that_need_not_give_them_again(db: Db) -> None:

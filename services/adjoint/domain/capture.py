@@ -29,9 +29,11 @@ Lineage modes: `full` stores every pair, but for identities whose model another 
 (`implied_identities`): their pairs are the model's keys, which are that reader's stored input keys, and the
 run records where to read them (`morphisms.keys_from`); `summary` stores the pairs of a deterministic hash
 sample of source keys (`hashtextextended(source_key, 0)` mod 1e6 below `rate`·1e6) with full counts;
-`key_derivable` stores no pairs, only the derived SQL and checkpoint envelopes (count, min/max key and an
-order-independent digest of each morphism's input and output keys) that queries check before evaluating the SQL,
-but for a morphism whose SQL is non-deterministic (`downgraded`), whose pairs it stores as `full` does.
+`key_derivable` stores no pairs, only the SQL of each morphism's pairs (`pairs_sql`) and checkpoints that
+queries check before evaluating it: envelopes (count, min/max key and an order-independent digest) of each
+morphism's input and output keys, and for pairs derived by SQL rather than read from the built relation, the
+count and digest of the pairs (`pairs_checkpoint`). A morphism whose pairs a later evaluation need not give
+again (`downgraded`) has its pairs stored as `full` does.
 """
 
 from __future__ import annotations
@@ -121,10 +123,18 @@ class Morphism:
     # The views the model reads (directly or through other views) whose SQL is non-deterministic.
     volatile_views: tuple[str, ...] = ()
 
-    @property
-    def nondeterministic(self) -> bool:
-        """Whether evaluating the derived SQL again later need not give the run's pairs (see `downgraded`)."""
-        return bool(self.derivation.nondeterministic or self.volatile_views)
+    def unrepeatable(self, *, single_driver: bool) -> bool:
+        """Whether evaluating the morphism's pairs again later need not give the run's pairs (see `downgraded`).
+
+        So for SQL that calls `now()` or `random()` (or reads a view that does), and for pairs derived by SQL
+        that joins a lookup declared `latest`: that lookup is replaced in place, so its rows of the run are gone.
+        Pairs read from the built relation (`carried_key`) depend on no lookup.
+        """
+        if self.derivation.nondeterministic or self.volatile_views:
+            return True
+        return self.carried_key(single_driver=single_driver) is None and any(
+            lookup.version == "latest" for lookup in self.model.lookups
+        )
 
     @property
     def mapped_sql(self) -> str:
@@ -168,6 +178,20 @@ class Morphism:
         """
         columns = self.carried_columns(single_driver=single_driver)
         return None if columns is None else key_sql_text(columns)
+
+    def pairs_sql(self, *, single_driver: bool) -> str:
+        """The morphism's distinct pairs, as the run's relations give them.
+
+        Read from the built relation where the output key carries the upstream key (`carried_key`), derived by
+        the SQL otherwise (`mapped_sql`): what the exact path captures, and what a key_derivable run evaluates
+        again to answer.
+        """
+        carried = self.carried_key(single_driver=single_driver)
+        return (
+            self.mapped_sql
+            if carried is None
+            else f"select distinct * from ({self.built_pairs_sql(carried)}) b"
+        )
 
     def carried_sources_sql(self, columns: Sequence[str]) -> str:
         """The distinct upstream keys (column `k`) in the built relation, given `carried_columns`.
@@ -505,6 +529,36 @@ def envelope_of(cur: psycopg.Cursor[Any], keys_sql: str) -> dict[str, Any]:
     return {"count": int(row[0]), "min": row[1], "max": row[2], "digest": row[3]}
 
 
+def per_target_sql(rows_sql: str) -> str:
+    """Per target key of the `source_key, target_key` rows `rows_sql` selects: how many, and their sources' digest.
+
+    Columns `target_key`, `n` (the count) and `h` (the sum of the source keys' hashes).
+    """
+    return (
+        f"select target_key, count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({rows_sql}) r "
+        "group by target_key"
+    )
+
+
+# The order-independent digest of a morphism's pairs, over the rows `g` of `per_target_sql`: each target key with
+# its count and source digest (two integers after the key, so the text is unambiguous whatever the key holds).
+PAIRS_DIGEST = "coalesce(sum(hashtextextended(g.target_key || ' ' || g.n || ' ' || g.h, 0)), 0)::text"
+
+
+def pairs_checkpoint(cur: psycopg.Cursor[Any], pairs_sql: str) -> dict[str, Any]:
+    """The checkpoint of the distinct pairs `pairs_sql` selects: their count and `PAIRS_DIGEST`.
+
+    A key_derivable run answers by deriving a morphism's pairs again from its SQL, which reads more than the keys
+    the input and output envelopes cover: the columns it groups and filters by, and its lookups. The pairs
+    themselves tell whether it still gives the run's.
+    """
+    with cur.connection.cursor() as plain:
+        _execute(plain, f"select coalesce(sum(g.n), 0), {PAIRS_DIGEST} from ({per_target_sql(pairs_sql)}) g")
+        row = plain.fetchone()
+    assert row is not None
+    return {"count": int(row[0]), "digest": row[1]}
+
+
 class _Capture:
     def __init__(
         self,
@@ -650,12 +704,11 @@ class _Capture:
             cur,
             f"create temp table _cdme_in on commit drop as select distinct k from ({m.input_sql(self.epoch)}) i",
         )
-        carried = m.carried_key(single_driver=single_driver)
-        pairs = (
-            m.mapped_sql if carried is None else f"select distinct * from ({m.built_pairs_sql(carried)}) b"
+        _execute(
+            cur,
+            f"create temp table _cdme_mapped on commit drop as {m.pairs_sql(single_driver=single_driver)}",
         )
-        _execute(cur, f"create temp table _cdme_mapped on commit drop as {pairs}")
-        if self.mode != "key_derivable" or downgraded(self.mode, m):
+        if self.mode != "key_derivable" or downgraded(self.mode, m, single_driver=single_driver):
             _execute(
                 cur,
                 sql.SQL("insert into {} {}").format(
@@ -736,6 +789,8 @@ class _Capture:
                 "input": envelope_of(cur, m.input_sql(self.epoch)),
                 "output": envelope_of(cur, m.output_sql()),
             }
+            if m.carried_key(single_driver=single_driver) is None:
+                stats["envelopes"]["pairs"] = pairs_checkpoint(cur, "select * from _cdme_mapped")
         m.stats = stats
 
     def tally(self, statement: str) -> Tally:
@@ -780,7 +835,7 @@ class _Capture:
         for m in plan.morphisms:
             begun = time.perf_counter()
             rows: str | None = None
-            if downgraded(self.mode, m):
+            if downgraded(self.mode, m, single_driver=plan.single_driver(m)):
                 # Stored first, then accounted from what was stored: the SQL evaluated twice may differ.
                 mid = sql.Literal(m.morphism_id)
                 _execute(
@@ -834,6 +889,7 @@ class _Capture:
         output = self.envelope(m.output_sql())
         carried = m.carried_columns(single_driver=single_driver)
         identity = m.is_identity(single_driver=single_driver)
+        checkpoint: dict[str, Any] | None = None
         if identity:
             mapped = Tally(output["count"], int(output["digest"]))
             pairs, targets = output["count"], output["count"]
@@ -845,13 +901,14 @@ class _Capture:
             # after the build (then only the key sets, followed downstream, can tell where).
             row = self.row(
                 "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*), count(*) filter (where not "
-                f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)) from (select target_key, "
-                f"count(*) as n, sum(hashtextextended(source_key, 0)) as h from ({rows or d.mapped_rows_sql}) r "
-                "group by target_key) g"
+                f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)), {PAIRS_DIGEST} "
+                f"from ({per_target_sql(rows or d.mapped_rows_sql)}) g"
             )
             if row[3]:
                 return False
             mapped, pairs, targets = Tally(int(row[0]), int(row[1])), int(row[0]), int(row[2])
+            # Once balanced, each source key is on one row: the rows are the distinct pairs `pairs_sql` gives.
+            checkpoint = None if rows is not None else {"count": pairs, "digest": row[4]}
         mid = sql.Literal(m.morphism_id)
         filtered_part, errored_part = _part("filtered", self.run_id), _part("errored", self.run_id)
         errored = Tally(0, 0)
@@ -897,6 +954,8 @@ class _Capture:
         }
         if self.mode == "key_derivable":
             m.stats["envelopes"] = {"input": inputs, "output": output}
+            if checkpoint is not None:
+                m.stats["envelopes"]["pairs"] = checkpoint
         return True
 
     def stored(self, pairs: sql.Composable) -> sql.Composable:
@@ -1097,13 +1156,13 @@ class Tally:
         return Tally(self.count - other.count, self.digest - other.digest)
 
 
-def downgraded(mode: LineageMode, m: Morphism) -> bool:
+def downgraded(mode: LineageMode, m: Morphism, *, single_driver: bool) -> bool:
     """Whether a run of `mode` stores `m`'s pairs as a full run would, although its mode stores none.
 
-    A key_derivable run answers by evaluating the derived SQL again, which must then give the run's pairs: not so
-    for SQL that calls `now()`, `random()` or the like. That morphism's segment is captured in full instead.
+    A key_derivable run answers by evaluating the morphism's pairs again, which must then give the run's pairs:
+    not so where it is `unrepeatable`. That morphism's segment is captured in full instead.
     """
-    return mode == "key_derivable" and m.nondeterministic
+    return mode == "key_derivable" and m.unrepeatable(single_driver=single_driver)
 
 
 def implied_identities(plan: CapturePlan) -> dict[int, list[int]]:
@@ -1507,7 +1566,7 @@ def _store_run(
                 list(m.model.req),
                 list(m.model.access),
                 list(m.upstream.access),
-                m.mapped_sql,
+                m.pairs_sql(single_driver=plan.single_driver(m)),
                 m.input_sql(epoch),
                 m.output_sql(),
                 json.dumps(s.get("envelopes")) if s.get("envelopes") else None,
@@ -1515,7 +1574,7 @@ def _store_run(
                 s["identity"] and plan.single_driver(m),
                 m.epoch_column,
                 implied.get(m.morphism_id),
-                "full" if downgraded(mode, m) else None,
+                "full" if downgraded(mode, m, single_driver=plan.single_driver(m)) else None,
             ),
         )
     for src in sources:

@@ -34,6 +34,7 @@ from services.adjoint.domain.capture import (
     SCHEMA,
     envelope_of,
     normalise_run_id,
+    pairs_checkpoint,
     partition_name,
 )
 from services.adjoint.domain.errors import NotReconstructableError
@@ -319,7 +320,7 @@ def _morphism_view(run_id: str, m: dict[str, Any], run_mode: str, visible: set[i
         "unaccounted": {"count": m["unaccounted_count"], "samples": m["unaccounted_samples"]},
         "locations": {t: _location(t, run_id, m["morphism_id"], keys_from) for t in PARTITIONED},
         "keys_from": keys_from,
-        # A key_derivable run stores a non-deterministic morphism's pairs in full (`capture.downgraded`).
+        # A key_derivable run stores in full the pairs it could not derive again (`capture.downgraded`).
         "lineage_mode": m["lineage_mode"] or run_mode,
         "filters": m["filters"],
         "req": m["req"],
@@ -961,6 +962,16 @@ def _verify_envelopes(cur: psycopg.Cursor[Any], edge: Edge) -> None:
             msg = (
                 f"not reconstructable: {where} changed since the run was captured (checkpoint digest "
                 f"{expected['digest']}, now {actual['digest']}); capture runs in full mode to keep their lineage"
+            )
+            raise NotReconstructableError(msg)
+    expected = recorded.get("pairs")
+    if expected is not None:
+        actual = pairs_checkpoint(cur, edge.mapped_sql)
+        if actual != expected:
+            msg = (
+                f"not reconstructable: the pairs {edge.model}'s SQL derives from {edge.upstream} changed since the "
+                f"run was captured (checkpoint digest {expected['digest']}, now {actual['digest']}): a column or "
+                "a lookup it reads changed; capture runs in full mode to keep their lineage"
             )
             raise NotReconstructableError(msg)
 
