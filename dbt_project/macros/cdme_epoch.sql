@@ -10,7 +10,7 @@
         {%- endif -%}
         {%- set epoch = '1970-01-01' -%}
     {%- endif -%}
-    {%- if not modules.re.match('^\d{4}-\d{2}-\d{2}$', epoch | string) -%}
+    {%- if not modules.re.match('^[0-9]{4}-[0-9]{2}-[0-9]{2}$', epoch | string) -%}
         {{ exceptions.raise_compiler_error("epoch_date must be YYYY-MM-DD, got '" ~ epoch ~ "'") }}
     {%- endif -%}
     date '{{ epoch }}'
