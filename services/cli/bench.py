@@ -143,6 +143,12 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
                 f"{query:<22} {label:<16} p50 {figures['p50_ms']:8.3f} ms  p99 {figures['p99_ms']:8.3f} ms "
                 f"({figures['samples']:,} keys)"
             )
+    floor = result.get("round_trip_select_1")
+    if floor:
+        lines.append(
+            f"{'select 1 (the floor)':<22} {'in the database':<16} p50 {floor['p50_ms']:8.3f} ms  "
+            f"p99 {floor['p99_ms']:8.3f} ms ({floor['samples']:,} round trips)"
+        )
     lines.append(
         f"impact of 1,000 source keys in one query: {result['impact_1000_source_keys_seconds'] * 1000:.1f} ms"
     )

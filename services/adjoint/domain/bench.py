@@ -14,6 +14,8 @@ random (fixed seed) for each query:
 
 "In the database" times the walk query the service runs (one connection, server-side prepared); "over HTTP"
 times the route end to end against the service running under uvicorn in a subprocess (one keep-alive client).
+Beside them, the round trip of `select 1` on the same connection: the floor of every query, which a busy shared
+machine raises for all of them.
 The figures, goals and machine are written to `benchmarks/results/adjoint.json`; the database is dropped.
 """
 
@@ -287,6 +289,9 @@ def run_adjoint_benchmark(
                     {**impact_params, "uid": raw, "depth": 64, "sample": 100},
                     "keys",
                 )
+                # The floor under every query: a round trip to the server on the same connection. On a shared
+                # machine it moves with the others' load, and the queries' figures with it.
+                floor = _timed([lambda: conn.execute("select 1", prepare=True).fetchall()] * SAMPLES)
                 in_db = {
                     "backward_1_hop": _timed([hop(k) for k in one_hop]),
                     "backward_mart_to_raw": _timed([to_raw(k) for k in marts]),
@@ -361,6 +366,7 @@ def run_adjoint_benchmark(
         "impact_1000_source_keys_seconds": round(impact_all, 4),
         "in_database": in_db,
         "over_http": over_http,
+        "round_trip_select_1": floor,
     }
     result["goals"] = _goals(result)
     result["machine"] = machine(load)

@@ -399,6 +399,7 @@ def _sources_of(
     run: str,
     morphism: str,
     target: str,
+    width: str,
     when: str = "true",
     first: str | None = None,
     mapped: str = _RUN_MAPPED,
@@ -406,23 +407,22 @@ def _sources_of(
     """A subquery (column `source_key`) of the source keys `morphism` of `run` maps to the key `target`.
 
     Pairs that carry their source key in the target key (`capture.CARRIED`) are not in the backward index: their
-    source key is one of the target key's leading components, each looked up in the forward index. `when` is a
+    source key is the target key's first `width` components (the upstream key's), looked up in the forward index
+    (one probe, whose row estimate the planner knows, where a series of prefixes let it guess a thousand). `when` is a
     condition on the outer query that gates both lookups. (`CARRIED` names the columns of `x`, the only relation
     in its scope, unqualified: the partial index's predicate must read the same.) With `first`, only the first
     `first` source keys in key order: the backward index reads them in order, and the carried ones are few. An
     existence check asks for the first one, so that the index scan stops at it.
     `mapped` is the run's partition (`for_run` names it) unless `run` is an expression over several runs.
     """
-    prefix = f"array_to_string((string_to_array({target}, '|'))[1:c.n], '|')"
+    prefix = f"array_to_string((string_to_array({target}, '|'))[1:{width}], '|')"
     ordered = "" if first is None else f" order by x.source_key limit {first}"
     return (
         f"((select x.source_key from {mapped} x where {when} and x.run_id = {run} "
         f"and {_keyed('x.target_key', target, morphism)} and not {CARRIED}{ordered}) "
         "union all "
-        f"(select x.source_key from generate_series(1, greatest(1, cardinality(string_to_array({target}, '|')))) "
-        "as c(n) "
-        f"join {mapped} x on x.run_id = {run} "
-        f"and {_keyed('x.source_key', prefix, morphism)} and x.target_key = {target} where {when}))"
+        f"(select x.source_key from {mapped} x where {when} and x.run_id = {run} "
+        f"and {_keyed('x.source_key', prefix, morphism)} and x.target_key = {target}))"
     )
 
 
@@ -463,12 +463,12 @@ with recursive walk(uid, k, path, depth) as (
   union all
     select e.up, m.source_key, w.path || e.up, w.depth + 1
     from walk w
-    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[])
-        as e(id, model, up, identity) on e.model = w.uid
+    join unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[], %(widths)s::int[])
+        as e(id, model, up, identity, width) on e.model = w.uid
     cross join lateral (
         select w.k as source_key where e.identity
       union all
-        select s.source_key from {_sources_of("%(run)s", "e.id", "w.k", "not e.identity")} s
+        select s.source_key from {_sources_of("%(run)s", "e.id", "w.k", "e.width", "not e.identity")} s
     ) m
     where w.depth < %(depth)s
 ),
@@ -481,8 +481,9 @@ select uid, k, path, depth, false as stranded from page
 union all
 select distinct w.uid, w.k, w.path, w.depth, true from walk w
 where w.depth < %(depth)s and w.uid = any(%(producer_models)s::text[]) and not exists (
-    select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[]) as p(model, id)
-    cross join lateral {_sources_of("%(run)s", "p.id", "w.k", first="1")} s
+    select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[], %(producer_widths)s::int[])
+        as p(model, id, width)
+    cross join lateral {_sources_of("%(run)s", "p.id", "w.k", "p.width", first="1")} s
     where p.model = w.uid
 )
 """
@@ -491,11 +492,12 @@ where w.depth < %(depth)s and w.uid = any(%(producer_models)s::text[]) and not e
 # itself when no morphism of the run produced it. The most frequent interactive question, so the cheapest plan.
 _ONE_HOP = f"""
 (select e.up as uid, m.source_key as k, array[%(uid)s::text, e.up] as path, 1 as depth, false as stranded
-from unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[]) as e(id, model, up, identity)
+from unnest(%(ids)s::int[], %(models)s::text[], %(ups)s::text[], %(identity)s::bool[], %(widths)s::int[])
+    as e(id, model, up, identity, width)
 cross join lateral (
     select %(key)s::text as source_key where e.identity
   union all
-    select s.source_key from {_sources_of("%(run)s", "e.id", "%(key)s", "not e.identity")} s
+    select s.source_key from {_sources_of("%(run)s", "e.id", "%(key)s", "e.width", "not e.identity")} s
 ) m
 where e.model = %(uid)s and (%(to)s::text is null or e.up = %(to)s)
 order by uid, k, path
@@ -503,8 +505,9 @@ limit %(limit)s offset %(offset)s)
 union all
 select %(uid)s, %(key)s, array[%(uid)s::text], 0, true
 where %(uid)s = any(%(producer_models)s::text[]) and not exists (
-    select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[]) as p(model, id)
-    cross join lateral {_sources_of("%(run)s", "p.id", "%(key)s", first="1")} s
+    select 1 from unnest(%(producer_models)s::text[], %(producer_ids)s::int[], %(producer_widths)s::int[])
+        as p(model, id, width)
+    cross join lateral {_sources_of("%(run)s", "p.id", "%(key)s", "p.width", first="1")} s
     where p.model = %(uid)s
 )
 """
@@ -557,6 +560,7 @@ def producer_params(graph: RunGraph) -> dict[str, Any]:
     return {
         "producer_models": [e.unique_id for e in producers],
         "producer_ids": [e.morphism_id for e in producers],
+        "producer_widths": [len(e.source_key_fields) for e in producers],
     }
 
 
@@ -567,6 +571,7 @@ def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, 
         "models": [e.unique_id for e in edges],
         "ups": [e.upstream_unique_id for e in edges],
         "identity": [e.identity and identities for e in edges],
+        "widths": [len(e.source_key_fields) for e in edges],
         **_implied_params(edges),
     }
 
@@ -747,13 +752,16 @@ def _identity_tail(graph: RunGraph, edges: Sequence[Edge], target: str) -> list[
 
 # The first `n` upstream keys of each target key through one morphism, in key order (the backward index's).
 def _sources_per_target(first: str | None = None) -> str:
-    """The upstream keys of each target key (`keys`) through one morphism (`id`); with `first`, that many of each."""
+    """The upstream keys of each target key (`keys`) through one morphism (`id`, of an upstream key `width` wide).
+
+    With `first`, that many of each.
+    """
     page = "" if first is None else f" order by u.source_key limit {first}"
     return f"""
 select t.k as target_key, s.source_key
 from unnest(%(keys)s::text[]) as t(k)
 cross join lateral (
-    select u.source_key from {_sources_of("%(run)s", "%(id)s", "t.k", first=first)} u{page}
+    select u.source_key from {_sources_of("%(run)s", "%(id)s", "t.k", "%(width)s", first=first)} u{page}
 ) s
 """
 
@@ -800,6 +808,7 @@ def _walk_into_tail(
                     "keys": sorted({k for k, _p, _d in frontier}),
                     "run": graph.run_id,
                     "id": e.morphism_id,
+                    "width": len(e.source_key_fields),
                     "n": offset + limit,
                 },
             )
@@ -850,11 +859,13 @@ def _walk_across_runs(
 
 def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str) -> str | None:
     """The latest full run before `later_than` (by epoch, then capture time) in which `key` of `uid` was produced."""
+    width = "cardinality(o.source_key_fields)"
+    produced = _sources_of("o.run_id", "o.morphism_id", "%(k)s", width, first="1", mapped=_ALL_MAPPED)
     cur.execute(
         "select o.run_id from cdme_adjoint.morphisms o join cdme_adjoint.runs r on r.run_id = o.run_id "
         "where o.unique_id = %(uid)s and r.lineage_mode = 'full' "
         "and (r.epoch, r.captured_at) < (select epoch, captured_at from cdme_adjoint.runs where run_id = %(run)s) "
-        f"and (exists (select 1 from {_sources_of('o.run_id', 'o.morphism_id', '%(k)s', first='1', mapped=_ALL_MAPPED)} s) "
+        f"and (exists (select 1 from {produced} s) "
         f"or {_implied_has('o.keys_from', '%(k)s', 'o.run_id', across_runs=True)}) "
         "order by r.epoch desc, r.captured_at desc limit 1",
         {"uid": uid, "k": key, "run": later_than},
@@ -865,8 +876,8 @@ def _producing_run(cur: psycopg.Cursor[Any], uid: str, key: str, later_than: str
 
 # Whether a key of a model is in the run: produced by a morphism into it, or read by one out of it.
 _CHECK_KEY = (
-    "select exists (select 1 from unnest(%(ids)s::int[]) as i(id) "
-    f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s', first='1')} s) "
+    "select exists (select 1 from unnest(%(ids)s::int[], %(widths)s::int[]) as i(id, width) "
+    f"cross join lateral {_sources_of('%(run)s', 'i.id', '%(k)s', 'i.width', first='1')} s) "
     f"or exists (select 1 from unnest(%(ups)s::int[]) as u(id) join {_RUN_MAPPED} x on x.run_id = %(run)s "
     f"and {_keyed('x.source_key', '%(k)s', 'u.id')}) "
     # An implied identity (into the model or out of it) maps its own model's keys, read where it says.
@@ -878,11 +889,18 @@ _CHECK_KEY = (
 
 
 def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge], uid: str, key: str) -> None:
-    ids = [e.morphism_id for e in edges if e.unique_id == uid]
+    into = [e for e in edges if e.unique_id == uid]
     ups = [e.morphism_id for e in edges if e.upstream_unique_id == uid]
     cur.execute(
         for_run(_CHECK_KEY, graph.run_id),
-        {**_implied_params(edges), "run": graph.run_id, "ids": ids, "ups": ups, "k": key},
+        {
+            **_implied_params(edges),
+            "run": graph.run_id,
+            "ids": [e.morphism_id for e in into],
+            "widths": [len(e.source_key_fields) for e in into],
+            "ups": ups,
+            "k": key,
+        },
     )
     row = cur.fetchone()
     if not row or not row["exists"]:
@@ -1003,7 +1021,12 @@ def _backward_derived(
                 # Stored by the run, as its SQL need not give them again (`capture.downgraded`).
                 cur.execute(
                     for_run(_sources_per_target(), graph.run_id),
-                    {"keys": keys, "run": graph.run_id, "id": e.morphism_id},
+                    {
+                        "keys": keys,
+                        "run": graph.run_id,
+                        "id": e.morphism_id,
+                        "width": len(e.source_key_fields),
+                    },
                 )
             else:
                 if e.morphism_id not in verified:
