@@ -199,8 +199,11 @@ class Morphism:
         Grouped on the columns' text and encoded after: the encoding is injective on those texts (NULL included),
         so the groups are the keys', and an explode's parents are encoded once each instead of once per child.
         """
+        # Byte-wise, whatever the columns' collation: under a non-deterministic one, texts the encoding tells
+        # apart could group as one.
         text = ", ".join(
-            exp.alias_(exp.cast(exp.column(c, quoted=True), "text"), c, quoted=True).sql(dialect="postgres")
+            f'{exp.cast(exp.column(c, quoted=True), "text").sql(dialect="postgres")} collate "C" as '
+            f"{exp.to_identifier(c, quoted=True).sql(dialect='postgres')}"
             for c in columns
         )
         return (
@@ -789,7 +792,9 @@ class _Capture:
                 "input": envelope_of(cur, m.input_sql(self.epoch)),
                 "output": envelope_of(cur, m.output_sql()),
             }
-            if m.carried_key(single_driver=single_driver) is None:
+            if m.carried_key(single_driver=single_driver) is None and not downgraded(
+                self.mode, m, single_driver=single_driver
+            ):
                 stats["envelopes"]["pairs"] = pairs_checkpoint(cur, "select * from _cdme_mapped")
         m.stats = stats
 
@@ -899,16 +904,18 @@ class _Capture:
         else:
             # The SQL re-derives the output keys: each must be in the built relation, or a record went missing
             # after the build (then only the key sets, followed downstream, can tell where).
+            # Only key_derivable runs check the pairs again, and those they store (`rows`) need no checkpoint.
+            checked = self.mode == "key_derivable" and rows is None
             row = self.row(
                 "select coalesce(sum(n), 0), coalesce(sum(h), 0)::text, count(*), count(*) filter (where not "
-                f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)), {PAIRS_DIGEST} "
-                f"from ({per_target_sql(rows or d.mapped_rows_sql)}) g"
+                f"exists (select from ({m.output_sql()}) o where o.k = g.target_key)), "
+                f"{PAIRS_DIGEST if checked else 'null'} from ({per_target_sql(rows or d.mapped_rows_sql)}) g"
             )
             if row[3]:
                 return False
             mapped, pairs, targets = Tally(int(row[0]), int(row[1])), int(row[0]), int(row[2])
             # Once balanced, each source key is on one row: the rows are the distinct pairs `pairs_sql` gives.
-            checkpoint = None if rows is not None else {"count": pairs, "digest": row[4]}
+            checkpoint = {"count": pairs, "digest": row[4]} if checked else None
         mid = sql.Literal(m.morphism_id)
         filtered_part, errored_part = _part("filtered", self.run_id), _part("errored", self.run_id)
         errored = Tally(0, 0)
