@@ -152,6 +152,13 @@ def format_adjoint_benchmark(result: dict[str, Any]) -> list[str]:
     lines.append(
         f"impact of 1,000 source keys in one query: {result['impact_1000_source_keys_seconds'] * 1000:.1f} ms"
     )
+    derived = result.get("key_derivable_mart_to_raw_seconds")
+    if derived:
+        samples = "/".join(f"{seconds:.2f}" for seconds in derived["samples_seconds"])
+        lines.append(
+            f"mart-to-raw backward on the key_derivable run (checkpoints checked, pairs derived again): "
+            f"median {derived['median']:.2f} s ({samples} s)"
+        )
     for goal in result["goals"]:
         verdict = "met" if goal["met"] else "missed"
         lines.append(f"goal {goal['goal']} <= {goal['target']}: measured {goal['measured']}: {verdict}")

@@ -12,6 +12,9 @@ random (fixed seed) for each query:
 - mart-to-raw backward: a `fct_monthly_positions` key back to `raw_trading.trades` (first page of 1,000);
 - impact: one raw trade forward to every model.
 
+On the key_derivable run (the default mode), a few mart-to-raw backwards are timed as the service answers them:
+each checks the run's checkpoints and derives the pairs again.
+
 "In the database" times the walk query the service runs (one connection, server-side prepared); "over HTTP"
 times the route end to end against the service running under uvicorn in a subprocess (one keep-alive client).
 Beside them, the round trip of `select 1` on the same connection: the floor of every query, which a busy shared
@@ -60,6 +63,8 @@ SAMPLES = 1000
 MODES: tuple[LineageMode, ...] = ("full", "summary", "key_derivable")
 # The project is built, and each mode captured (a new run each time), this many times; each figure is the median.
 ROUNDS = 3
+# Mart keys traced back to raw trades on the key_derivable run, each in seconds.
+DERIVED_SAMPLES = 5
 # The goals on the development machine.
 GOALS = {
     "default_mode_capture_ratio": 0.25,
@@ -301,6 +306,16 @@ def run_adjoint_benchmark(
                 start = time.perf_counter()
                 forward(sources)()
                 impact_all = time.perf_counter() - start
+            # The default mode answers by deriving the pairs again, after checking the run's checkpoints: seconds,
+            # not milliseconds, so a few keys tell. Its last capture is of the build still in the warehouse.
+            say("backward on the key_derivable run")
+            derived_seconds = []
+            for k in marts[:DERIVED_SAMPLES]:
+                start = time.perf_counter()
+                queries.backward(
+                    engine, "fct_monthly_positions", k, roles=None, run_id=runs["key_derivable"], to=raw
+                )
+                derived_seconds.append(round(time.perf_counter() - start, 3))
             say("queries over HTTP")
             service = _Service(url, work)
             try:
@@ -367,6 +382,10 @@ def run_adjoint_benchmark(
         "in_database": in_db,
         "over_http": over_http,
         "round_trip_select_1": floor,
+        "key_derivable_mart_to_raw_seconds": {
+            "median": statistics.median(derived_seconds),
+            "samples_seconds": derived_seconds,
+        },
     }
     result["goals"] = _goals(result)
     result["machine"] = machine(load)

@@ -548,18 +548,19 @@ def per_target_sql(rows_sql: str) -> str:
 PAIRS_DIGEST = "coalesce(sum(hashtextextended(g.target_key || ' ' || g.n || ' ' || g.h, 0)), 0)::text"
 
 
-def pairs_checkpoint(cur: psycopg.Cursor[Any], pairs_sql: str) -> dict[str, Any]:
-    """The checkpoint of the distinct pairs `pairs_sql` selects: their count and `PAIRS_DIGEST`.
+def pairs_checkpoint(cur: psycopg.Cursor[Any], rows_sql: str) -> dict[str, Any]:
+    """The checkpoint of the pairs a derivation gives: the count of its rows `rows_sql` and their `PAIRS_DIGEST`.
 
     A key_derivable run answers by deriving a morphism's pairs again from its SQL, which reads more than the keys
     the input and output envelopes cover: the columns it groups and filters by, and its lookups. The pairs
-    themselves tell whether it still gives the run's.
+    themselves tell whether it still gives the run's. Over the rows, not the distinct pairs: the same rows give
+    the same pairs, and a query checks them without sorting every pair of the morphism.
     """
     with cur.connection.cursor() as plain:
-        _execute(plain, f"select coalesce(sum(g.n), 0), {PAIRS_DIGEST} from ({per_target_sql(pairs_sql)}) g")
+        _execute(plain, f"select coalesce(sum(g.n), 0), {PAIRS_DIGEST} from ({per_target_sql(rows_sql)}) g")
         row = plain.fetchone()
     assert row is not None
-    return {"count": int(row[0]), "digest": row[1]}
+    return {"rows": rows_sql, "count": int(row[0]), "digest": row[1]}
 
 
 class _Capture:
@@ -795,7 +796,7 @@ class _Capture:
             if m.carried_key(single_driver=single_driver) is None and not downgraded(
                 self.mode, m, single_driver=single_driver
             ):
-                stats["envelopes"]["pairs"] = pairs_checkpoint(cur, "select * from _cdme_mapped")
+                stats["envelopes"]["pairs"] = pairs_checkpoint(cur, m.derivation.mapped_rows_sql)
         m.stats = stats
 
     def tally(self, statement: str) -> Tally:
@@ -914,8 +915,7 @@ class _Capture:
             if row[3]:
                 return False
             mapped, pairs, targets = Tally(int(row[0]), int(row[1])), int(row[0]), int(row[2])
-            # Once balanced, each source key is on one row: the rows are the distinct pairs `pairs_sql` gives.
-            checkpoint = {"count": pairs, "digest": row[4]} if checked else None
+            checkpoint = {"rows": d.mapped_rows_sql, "count": pairs, "digest": row[4]} if checked else None
         mid = sql.Literal(m.morphism_id)
         filtered_part, errored_part = _part("filtered", self.run_id), _part("errored", self.run_id)
         errored = Tally(0, 0)
