@@ -225,6 +225,14 @@ def _backward(db: Db, run_id: str, model: str, key: str, to: str | None = None) 
     return {(c["entity"], c["key"]) for c in answer["contributions"]}
 
 
+def _capture_key_derivable(db: Db, morphisms: list[Morphism]) -> tuple[str, dict[str, str]]:
+    """Capture `morphisms` as a key_derivable run on 2026-11-20: its id, and the lineage mode of each model."""
+    run_id = str(uuid.uuid4())
+    capture(db.engine, run_id, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
+    report = queries.partitions(db.engine, run_id)
+    return run_id, {m["model"]: m["lineage_mode"] for m in report["morphisms"]}
+
+
 def _capture_iso(db: Db, mode: LineageMode, model: Entity, src: Entity, derivation: Derivation) -> str:
     """Capture a run of the one iso morphism `src` -> `model` on 2026-11-20; its run id."""
     run_id = str(uuid.uuid4())
@@ -831,10 +839,8 @@ def test_a_key_derivable_run_answers_with_its_pairs_or_not_at_all_when_what_they
         },
         models,
     )
-    run_id = str(uuid.uuid4())
-    capture(db.engine, run_id, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
-    report = queries.partitions(db.engine, run_id)
-    assert {m["model"]: m["lineage_mode"] for m in report["morphisms"]} == {
+    run_id, modes = _capture_key_derivable(db, morphisms)
+    assert modes == {
         "by_book": "key_derivable",
         "by_tier": "key_derivable",
         "legs": "key_derivable",
@@ -881,10 +887,8 @@ def test_a_key_derivable_run_stores_the_pairs_of_sql_that_need_not_give_them_aga
         ),
     ]
     morphisms = _build(db, {"src": ("id int, v int", [(1, 5), (2, -1), (3, 7), (4, 2)])}, models)
-    run_id = str(uuid.uuid4())
-    capture(db.engine, run_id, date(2026, 11, 20), "key_derivable", CapturePlan(morphisms, []))
-    report = queries.partitions(db.engine, run_id)
-    assert {m["model"]: m["lineage_mode"] for m in report["morphisms"]} == {
+    run_id, modes = _capture_key_derivable(db, morphisms)
+    assert modes == {
         "seen": "full",
         "big": "key_derivable",
         "tally": "full",
