@@ -74,6 +74,11 @@ class Edge:
     # `full` where a key_derivable run stored the morphism's pairs (`capture.downgraded`); None: the run's mode.
     lineage_mode: str | None
 
+    @property
+    def width(self) -> int:
+        """The components of each source key (the upstream key's columns): a carried pair's prefix (`_sources_of`)."""
+        return len(self.source_key_fields)
+
 
 @dataclass(frozen=True)
 class RunGraph:
@@ -560,7 +565,7 @@ def producer_params(graph: RunGraph) -> dict[str, Any]:
     return {
         "producer_models": [e.unique_id for e in producers],
         "producer_ids": [e.morphism_id for e in producers],
-        "producer_widths": [len(e.source_key_fields) for e in producers],
+        "producer_widths": [e.width for e in producers],
     }
 
 
@@ -571,7 +576,7 @@ def edge_params(edges: Sequence[Edge], *, identities: bool = True) -> dict[str, 
         "models": [e.unique_id for e in edges],
         "ups": [e.upstream_unique_id for e in edges],
         "identity": [e.identity and identities for e in edges],
-        "widths": [len(e.source_key_fields) for e in edges],
+        "widths": [e.width for e in edges],
         **_implied_params(edges),
     }
 
@@ -766,6 +771,7 @@ cross join lateral (
 """
 
 
+_SOURCES = _sources_per_target()
 _FIRST_SOURCES = _sources_per_target(first="%(n)s")
 
 
@@ -808,7 +814,7 @@ def _walk_into_tail(
                     "keys": sorted({k for k, _p, _d in frontier}),
                     "run": graph.run_id,
                     "id": e.morphism_id,
-                    "width": len(e.source_key_fields),
+                    "width": e.width,
                     "n": offset + limit,
                 },
             )
@@ -897,7 +903,7 @@ def _check_key(cur: psycopg.Cursor[Any], graph: RunGraph, edges: Sequence[Edge],
             **_implied_params(edges),
             "run": graph.run_id,
             "ids": [e.morphism_id for e in into],
-            "widths": [len(e.source_key_fields) for e in into],
+            "widths": [e.width for e in into],
             "ups": ups,
             "k": key,
         },
@@ -1025,12 +1031,12 @@ def _backward_derived(
             if e.lineage_mode == "full":
                 # Stored by the run, as its SQL need not give them again (`capture.downgraded`).
                 cur.execute(
-                    for_run(_sources_per_target(), graph.run_id),
+                    for_run(_SOURCES, graph.run_id),
                     {
                         "keys": keys,
                         "run": graph.run_id,
                         "id": e.morphism_id,
-                        "width": len(e.source_key_fields),
+                        "width": e.width,
                     },
                 )
             else:
