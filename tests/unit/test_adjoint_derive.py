@@ -15,6 +15,7 @@ from services.adjoint.domain.derive import Relation, derive
 from services.adjoint.domain.errors import DerivationError
 from services.adjoint.domain.keys import decode_key, encode_key, key_sql_text
 from services.core.artifacts import parse_manifest
+from tests.manifest_nodes import manifest_node
 
 SRC = Relation("db", "s", "src")
 OUT = Relation("db", "m", "out")
@@ -213,16 +214,9 @@ def test_only_a_non_deterministic_call_on_the_row_path_makes_the_derivation_so()
 
 def test_a_model_reading_a_non_deterministic_view_through_other_views_is_flagged() -> None:
     def node(name: str, materialized: str, sql: str, *depends: str) -> dict[str, Any]:
-        return {
-            "unique_id": f"model.p.{name}",
-            "resource_type": "model",
-            "name": name,
-            "package_name": "p",
-            "schema": "s",
-            "config": {"materialized": materialized},
-            "compiled_code": sql,
-            "depends_on": {"nodes": [f"model.p.{d}" for d in depends], "macros": []},
-        }
+        return manifest_node(
+            name, materialized=materialized, depends=tuple(f"model.p.{d}" for d in depends), compiled_code=sql
+        )
 
     manifest = parse_manifest(
         {

@@ -19,6 +19,7 @@ from services.core.ldm import (
 )
 from services.core.ldm.model import EntityDecl, FilterDecl
 from tests.conftest import PROJECT_DIR, RESEARCH_DATA
+from tests.manifest_nodes import manifest_columns, manifest_node
 
 CONFIG = parse_project_config(
     {
@@ -41,33 +42,6 @@ CONFIG = parse_project_config(
         },
     }
 )
-
-
-def _columns(*names: str) -> dict[str, Any]:
-    return {n: {"name": n, "data_type": "text"} for n in names}
-
-
-def _node(
-    name: str,
-    *,
-    resource_type: str = "model",
-    cdme: dict[str, Any] | None = None,
-    columns: tuple[str, ...] = (),
-    depends: tuple[str, ...] = (),
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "unique_id": f"{resource_type}.p.{name}",
-        "resource_type": resource_type,
-        "name": name,
-        "package_name": "p",
-        "schema": "s",
-        "database": "db",
-        "config": {"materialized": "table", "meta": {"cdme": cdme} if cdme is not None else {}},
-        "columns": _columns(*columns),
-        "depends_on": {"nodes": list(depends), "macros": []},
-        **extra,
-    }
 
 
 def _test(name: str, on: str, test: str, column: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -103,7 +77,7 @@ def _source(name: str, cdme: dict[str, Any], columns: tuple[str, ...]) -> dict[s
         "schema": "raw",
         "database": "db",
         "identifier": name,
-        "columns": _columns(*columns),
+        "columns": manifest_columns(*columns),
         "config": {"meta": {"cdme": cdme}},
     }
 
@@ -115,14 +89,14 @@ def _good_project() -> Manifest:
         ("trade_id", "epoch_date", "cp_id"),
     )
     return _manifest(
-        _node(
+        manifest_node(
             "stg",
             cdme={"kind": "iso", "grain": "Atomic"},
             columns=("trade_id", "cp_id"),
             depends=("source.p.raw.trades",),
         ),
-        _node("cps", resource_type="seed", cdme={"grain": "Reference"}, columns=("cp_id", "name")),
-        _node(
+        manifest_node("cps", resource_type="seed", cdme={"grain": "Reference"}, columns=("cp_id", "name")),
+        manifest_node(
             "enriched",
             cdme={
                 "kind": "enrich",
@@ -136,7 +110,7 @@ def _good_project() -> Manifest:
             columns=("trade_id", "cp_id", "name"),
             depends=("model.p.stg", "seed.p.cps"),
         ),
-        _node(
+        manifest_node(
             "errors",
             cdme={"grain": "Atomic", "key": ["source_entity", "source_key"]},
             columns=(
@@ -149,7 +123,7 @@ def _good_project() -> Manifest:
             ),
             depends=("model.p.stg", "seed.p.cps"),
         ),
-        _node(
+        manifest_node(
             "daily",
             cdme={
                 "kind": "aggregate",
@@ -265,18 +239,18 @@ def _problems(manifest: Manifest, config: ProjectConfig = CONFIG) -> list[tuple[
 )
 def test_invalid_declaration_names_entity_and_field(cdme: dict[str, Any], field: str, message: str) -> None:
     manifest = _manifest(
-        _node("stg", columns=("trade_id",)),
-        _node("cps", resource_type="seed", columns=("cp_id",)),
-        _node("m", cdme=cdme, columns=("trade_id", "cp_id"), depends=("model.p.stg",)),
+        manifest_node("stg", columns=("trade_id",)),
+        manifest_node("cps", resource_type="seed", columns=("cp_id",)),
+        manifest_node("m", cdme=cdme, columns=("trade_id", "cp_id"), depends=("model.p.stg",)),
     )
     assert ("m", field, message) in _problems(manifest)
 
 
 def test_error_sink_without_structured_fields() -> None:
     manifest = _manifest(
-        _node("stg", columns=("id",)),
-        _node("m", cdme={"error_sink": "sink"}, columns=("id",), depends=("model.p.stg",)),
-        _node("sink", columns=("id", "failure_type"), depends=("model.p.stg",)),
+        manifest_node("stg", columns=("id",)),
+        manifest_node("m", cdme={"error_sink": "sink"}, columns=("id",), depends=("model.p.stg",)),
+        manifest_node("sink", columns=("id", "failure_type"), depends=("model.p.stg",)),
     )
     [problem] = _problems(manifest)
     assert problem[:2] == ("sink", "error_sink")
@@ -284,14 +258,14 @@ def test_error_sink_without_structured_fields() -> None:
 
 
 def test_only_models_are_morphisms() -> None:
-    manifest = _manifest(_node("seed_x", resource_type="seed", cdme={"kind": "iso"}, columns=("a",)))
+    manifest = _manifest(manifest_node("seed_x", resource_type="seed", cdme={"kind": "iso"}, columns=("a",)))
     assert _problems(manifest) == [
         ("seed_x", "kind", "only models are morphisms; a seed cannot declare kind")
     ]
 
 
 def test_column_semantic_type_must_be_declared() -> None:
-    node = _node("m", columns=("amount",))
+    node = manifest_node("m", columns=("amount",))
     node["columns"]["amount"]["meta"] = {"cdme": {"type": "Euros"}}
     assert _problems(_manifest(node)) == [
         (
@@ -304,8 +278,8 @@ def test_column_semantic_type_must_be_declared() -> None:
 
 def test_every_problem_is_reported_and_the_message_counts_them() -> None:
     manifest = _manifest(
-        _node("a", cdme={"grain": "Nope"}, columns=("x",)),
-        _node("b", cdme={"kind": "nope", "key": "missing"}, columns=("x",)),
+        manifest_node("a", cdme={"grain": "Nope"}, columns=("x",)),
+        manifest_node("b", cdme={"kind": "nope", "key": "missing"}, columns=("x",)),
     )
     with pytest.raises(LdmDeclarationError) as info:
         load_ldm(manifest, CONFIG)
@@ -315,7 +289,7 @@ def test_every_problem_is_reported_and_the_message_counts_them() -> None:
 
 
 def test_key_of_an_undocumented_model_is_kept_but_not_verified() -> None:
-    ldm = load_ldm(_manifest(_node("m", cdme={"key": ["id"]})), CONFIG)
+    ldm = load_ldm(_manifest(manifest_node("m", cdme={"key": ["id"]})), CONFIG)
     key = ldm.entity("m").key
     assert key is not None and key.columns == ("id",) and not key.verified
 
@@ -421,10 +395,10 @@ def test_jaffle_shop_keys_come_from_its_unique_tests() -> None:
 
 def _three_upstreams(cdme: dict[str, Any]) -> Manifest:
     return _manifest(
-        _node("trades", columns=("id",)),
-        _node("cps", resource_type="seed", columns=("cp_id",)),
-        _node("fx", resource_type="seed", columns=("ccy",)),
-        _node("m", cdme=cdme, columns=("id",), depends=("model.p.trades", "seed.p.cps", "seed.p.fx")),
+        manifest_node("trades", columns=("id",)),
+        manifest_node("cps", resource_type="seed", columns=("cp_id",)),
+        manifest_node("fx", resource_type="seed", columns=("ccy",)),
+        manifest_node("m", cdme=cdme, columns=("id",), depends=("model.p.trades", "seed.p.cps", "seed.p.fx")),
     )
 
 
@@ -471,7 +445,7 @@ def test_a_union_is_driven_by_all_its_upstreams() -> None:
 
 @pytest.mark.parametrize("value", ["grain: Atomic", ["grain", "Atomic"], 42])
 def test_meta_cdme_that_is_not_a_mapping_is_an_error(value: Any) -> None:
-    node = _node("m", columns=("id",))
+    node = manifest_node("m", columns=("id",))
     node["config"]["meta"] = {"cdme": value}
     [(entity, field, message)] = _problems(_manifest(node))
     assert (entity, field) == ("m", "cdme")
@@ -479,7 +453,7 @@ def test_meta_cdme_that_is_not_a_mapping_is_an_error(value: Any) -> None:
 
 
 def test_column_meta_cdme_that_is_not_a_mapping_is_an_error() -> None:
-    node = _node("m", columns=("amount",))
+    node = manifest_node("m", columns=("amount",))
     node["columns"]["amount"]["meta"] = {"cdme": "Money"}
     assert _problems(_manifest(node)) == [
         ("m", "columns.amount.cdme", "must be a mapping of declarations, found str 'Money'")
@@ -488,8 +462,8 @@ def test_column_meta_cdme_that_is_not_a_mapping_is_an_error() -> None:
 
 def test_lineage_mode_override_replaces_the_project_default_but_not_a_declaration() -> None:
     manifest = _manifest(
-        _node("a", columns=("id",)),
-        _node("b", cdme={"lineage_mode": "summary"}, columns=("id",)),
+        manifest_node("a", columns=("id",)),
+        manifest_node("b", cdme={"lineage_mode": "summary"}, columns=("id",)),
     )
     ldm = load_ldm(manifest, CONFIG, lineage_mode="key_derivable")
     assert ldm.entity("a").lineage_mode == "key_derivable"
@@ -497,11 +471,11 @@ def test_lineage_mode_override_replaces_the_project_default_but_not_a_declaratio
 
 
 def test_versioned_models_and_package_nodes_get_distinct_names() -> None:
-    v1 = _node("dim", columns=("id",), version=1)
+    v1 = manifest_node("dim", columns=("id",), version=1)
     v1["unique_id"] = "model.p.dim.v1"
-    v2 = _node("dim", columns=("id",), version=2)
+    v2 = manifest_node("dim", columns=("id",), version=2)
     v2["unique_id"] = "model.p.dim.v2"
-    foreign = _node("dim", columns=("id",), package_name="other_pkg")
+    foreign = manifest_node("dim", columns=("id",), package_name="other_pkg")
     foreign["unique_id"] = "model.other_pkg.dim"
     manifest = parse_manifest(
         {
